@@ -1,0 +1,52 @@
+package main
+
+import (
+	"errors"
+	"log/slog"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// globalFlags are the flags every subcommand shares.
+type globalFlags struct {
+	root      string
+	cacheSize string
+	logLevel  string
+}
+
+// exitError carries a process exit code (a container's, for strata run).
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return "exit status" }
+
+func exitCode(err error) int {
+	var ee exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	return 1
+}
+
+func newRootCmd() *cobra.Command {
+	g := &globalFlags{}
+	cmd := &cobra.Command{
+		Use:           "strata",
+		Short:         "Start containers before their images are downloaded",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	cmd.PersistentFlags().StringVar(&g.root, "root", "/var/lib/strata", "node state directory")
+	cmd.PersistentFlags().StringVar(&g.cacheSize, "cache-size", "2GiB", "bound on the node's content cache (e.g. 16MiB, 2GiB)")
+	cmd.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	cmd.AddCommand(newRegistryCmd(g))
+	return cmd
+}
+
+func (g *globalFlags) logger() *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+		lvl = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+}

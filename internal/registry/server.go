@@ -1,0 +1,96 @@
+package registry
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/strata-oci/strata/internal/store"
+)
+
+// ServeConfig is what Serve needs beyond the registry itself.
+type ServeConfig struct {
+	Store   *store.Store
+	Logger  *slog.Logger
+	Metrics *Metrics
+	// UploadTTL is how long an idle upload session lives (default 24h).
+	UploadTTL time.Duration
+	// TLSCert and TLSKey switch on HTTPS.
+	TLSCert, TLSKey string
+}
+
+// Handler returns reg with /metrics beside it and request logging around it.
+func Handler(reg *Registry, cfg ServeConfig) http.Handler {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	mux := http.NewServeMux()
+	var h http.Handler = reg
+	if cfg.Metrics != nil {
+		h = cfg.Metrics.Wrap(h)
+		mux.Handle("/metrics", cfg.Metrics.Handler())
+	}
+	mux.Handle("/v2/", h)
+	mux.Handle("/v2", h)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		mux.ServeHTTP(sw, r)
+		log.Debug("request", "method", r.Method, "path", r.URL.Path, "status", sw.code,
+			"bytes", sw.n, "duration", time.Since(start))
+	})
+}
+
+// Serve serves h on ln until ctx is done, purging stale upload sessions in
+// the background, then shuts down gracefully.
+func Serve(ctx context.Context, ln net.Listener, h http.Handler, cfg ServeConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ttl := cfg.UploadTTL
+	if ttl <= 0 {
+		ttl = 24 * time.Hour
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 30 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	go func() {
+		t := time.NewTicker(min(ttl/4, 10*time.Minute))
+		defer t.Stop()
+		for {
+			if n, err := cfg.Store.PurgeUploads(ctx, ttl); err != nil {
+				log.Warn("purging upload sessions", "err", err)
+			} else if n > 0 {
+				log.Info("purged stale upload sessions", "count", n)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	errc := make(chan error, 1)
+	go func() {
+		if cfg.TLSCert != "" {
+			errc <- srv.ServeTLS(ln, cfg.TLSCert, cfg.TLSKey)
+		} else {
+			errc <- srv.Serve(ln)
+		}
+	}()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		err := srv.Shutdown(sctx)
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		return err
+	}
+}
