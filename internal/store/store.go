@@ -30,6 +30,8 @@ package store
 import (
 	"context"
 	"crypto/rand"
+	_ "crypto/sha256" // digest algorithms the store accepts
+	_ "crypto/sha512"
 	"encoding/hex"
 	"encoding/json"
 	"errors"

@@ -1,0 +1,68 @@
+// Package api is the contract of strata's registry extension: the layer-mount
+// routes, their JSON bodies and error codes. Registries serve it and nodes
+// call it; both sides import this package and nothing else of strata's.
+//
+// Routes follow the distribution-spec extension naming (/v2/<name>/_<ext>/…):
+//
+//	GET  /v2/_strata/info                                 → 200 Info
+//	POST /v2/<name>/_strata/layers/<layer-digest>/mount   → 200 MountDescriptor
+//	                                                        202 + Retry-After while the layer expands
+//	                                                        404 BLOB_UNKNOWN: the layer is not in <name>
+//	                                                        422 EXPANSION_FAILED: the layer cannot be expanded
+//
+// The index and data blobs named by a MountDescriptor are read, with Range,
+// through the ordinary GET /v2/<name>/blobs/<digest>.
+package api
+
+import (
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// Extension is the extension's name in routes (/_strata/).
+const Extension = "strata"
+
+// InfoPath is the path of the discovery endpoint.
+const InfoPath = "/v2/_" + Extension + "/info"
+
+// MountPath returns the path of the layer-mount request for layer in repo.
+func MountPath(repo string, layer digest.Digest) string {
+	return "/v2/" + repo + "/_" + Extension + "/layers/" + layer.String() + "/mount"
+}
+
+// Info is the body of GET /v2/_strata/info.
+type Info struct {
+	// Versions lists the expanded-layer format versions the registry serves.
+	Versions []int `json:"versions"`
+}
+
+// MountDescriptor is the body of a successful layer-mount request.
+type MountDescriptor struct {
+	// Layer is the digest of the layer blob the expansion was made from.
+	Layer digest.Digest `json:"layer"`
+	// DiffID is the digest of the layer's uncompressed tar stream.
+	DiffID digest.Digest `json:"diffID,omitempty"`
+	// Version is the format version of the index.
+	Version int `json:"version"`
+	// Index is the expanded layer's index blob.
+	Index ocispec.Descriptor `json:"index"`
+	// Data is the expanded layer's packed data blob (zstd frames).
+	Data ocispec.Descriptor `json:"data"`
+}
+
+// Error codes the extension adds to the distribution spec's table.
+const (
+	// CodeExpansionFailed: the layer cannot be expanded; the message names
+	// the reason. The layer stays pullable the ordinary way.
+	CodeExpansionFailed = "EXPANSION_FAILED"
+)
+
+// Annotation keys on the expansion artifact (the referrer of an image
+// manifest that lists its expanded layers).
+const (
+	// AnnotationLayer names the source layer digest on an index or data
+	// descriptor of the expansion artifact.
+	AnnotationLayer = "dev.strata.layer"
+	// AnnotationRole is "index" or "data" on the artifact's layer descriptors.
+	AnnotationRole = "dev.strata.role"
+)
