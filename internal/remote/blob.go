@@ -1,0 +1,263 @@
+package remote
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+func blobPath(repo Repository, d digest.Digest) string {
+	return "/v2/" + repo.Name + "/blobs/" + d.String()
+}
+
+// readBlob reads a small blob into memory and verifies its size and digest.
+func (c *Client) readBlob(ctx context.Context, repo Repository, desc ocispec.Descriptor, limit int64) ([]byte, error) {
+	if desc.Size > limit {
+		return nil, fmt.Errorf("%w: blob %s is %d bytes, more than the %d accepted", ErrUnsupported, desc.Digest, desc.Size, limit)
+	}
+	if !desc.Digest.Algorithm().Available() {
+		return nil, fmt.Errorf("%w: digest algorithm of %s", ErrUnsupported, desc.Digest)
+	}
+	var b []byte
+	_, err := c.send(ctx, request{
+		method:   http.MethodGet,
+		registry: repo.Registry,
+		path:     blobPath(repo, desc.Digest),
+		scope:    repo.scope(),
+		read: func(resp *http.Response) error {
+			var err error
+			b, err = io.ReadAll(io.LimitReader(resp.Body, desc.Size+1))
+			if err != nil {
+				return fmt.Errorf("read blob %s: %w", desc.Digest, err)
+			}
+			return nil
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) != desc.Size {
+		return nil, fmt.Errorf("blob %s: %w: got %d bytes, want %d", desc.Digest, ErrDigestMismatch, len(b), desc.Size)
+	}
+	if got := desc.Digest.Algorithm().FromBytes(b); got != desc.Digest {
+		return nil, fmt.Errorf("blob %s: %w: content is %s", desc.Digest, ErrDigestMismatch, got)
+	}
+	return b, nil
+}
+
+// FetchBlob streams a whole blob. The reader verifies size and digest: it
+// returns io.EOF only after all desc.Size bytes hashed to desc.Digest, and
+// an error wrapping ErrDigestMismatch otherwise. A transfer broken by a
+// transient failure resumes where it stopped (a Range request), within the
+// retry policy. Each read waits at most Options.Timeout for bytes; ctx bounds
+// the whole stream. The caller closes the reader.
+func (c *Client) FetchBlob(ctx context.Context, repo Repository, desc ocispec.Descriptor) (io.ReadCloser, error) {
+	if err := desc.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("fetch blob %q: %w", desc.Digest, err)
+	}
+	if desc.Size < 0 {
+		return nil, fmt.Errorf("fetch blob %s: negative size %d", desc.Digest, desc.Size)
+	}
+	br := &blobReader{c: c, ctx: ctx, repo: repo, desc: desc, digester: desc.Digest.Algorithm().Digester()}
+	if err := br.open(); err != nil {
+		return nil, err
+	}
+	return br, nil
+}
+
+// blobReader verifies a blob as it streams and resumes broken transfers.
+// It keeps the FetchBlob call's ctx: the reader is that call's result.
+type blobReader struct {
+	c        *Client
+	ctx      context.Context
+	repo     Repository
+	desc     ocispec.Descriptor
+	digester digest.Digester
+	body     io.ReadCloser
+	off      int64
+	resumes  int
+	err      error
+}
+
+// open (re)starts the transfer at br.off.
+func (br *blobReader) open() error {
+	r := request{
+		method:   http.MethodGet,
+		registry: br.repo.Registry,
+		path:     blobPath(br.repo, br.desc.Digest),
+		scope:    br.repo.scope(),
+		accept:   []int{http.StatusOK},
+	}
+	if br.off > 0 {
+		r.header = http.Header{"Range": {fmt.Sprintf("bytes=%d-", br.off)}}
+		r.accept = []int{http.StatusOK, http.StatusPartialContent}
+	}
+	resp, err := br.c.send(br.ctx, r)
+	if err != nil {
+		return fmt.Errorf("fetch blob %s: %w", br.desc.Digest, err)
+	}
+	switch {
+	case resp.StatusCode == http.StatusPartialContent:
+		start, _, _, err := parseContentRange(resp.Header.Get("Content-Range"))
+		if err != nil || start != br.off {
+			resp.Body.Close()
+			return fmt.Errorf("fetch blob %s: %w: asked for bytes from %d, got Content-Range %q",
+				br.desc.Digest, ErrInvalidResponse, br.off, resp.Header.Get("Content-Range"))
+		}
+	case br.off > 0:
+		// The registry ignored Range: skip what was already read.
+		if _, err := io.CopyN(io.Discard, resp.Body, br.off); err != nil {
+			resp.Body.Close()
+			return fmt.Errorf("fetch blob %s: skipping to %d: %w", br.desc.Digest, br.off, err)
+		}
+	}
+	br.body = resp.Body
+	return nil
+}
+
+func (br *blobReader) Read(p []byte) (int, error) {
+	if br.err != nil {
+		return 0, br.err
+	}
+	if br.body == nil {
+		if err := br.open(); err != nil {
+			br.err = err
+			return 0, err
+		}
+	}
+	// Never read past the expected size: a longer blob is a mismatch.
+	if rest := br.desc.Size - br.off; int64(len(p)) > rest+1 {
+		p = p[:rest+1]
+	}
+	n, err := br.body.Read(p)
+	br.digester.Hash().Write(p[:n])
+	br.off += int64(n)
+	if br.off > br.desc.Size {
+		br.err = fmt.Errorf("blob %s: %w: more than the %d bytes expected", br.desc.Digest, ErrDigestMismatch, br.desc.Size)
+		return n, br.err
+	}
+	switch {
+	case err == io.EOF:
+		if br.off < br.desc.Size {
+			br.err = fmt.Errorf("blob %s: %w: got %d bytes, want %d", br.desc.Digest, ErrDigestMismatch, br.off, br.desc.Size)
+			return n, br.err
+		}
+		if got := br.digester.Digest(); got != br.desc.Digest {
+			br.err = fmt.Errorf("blob %s: %w: content is %s", br.desc.Digest, ErrDigestMismatch, got)
+			return n, br.err
+		}
+		br.err = io.EOF
+		return n, io.EOF
+	case err != nil:
+		if br.ctx.Err() != nil || !transient(err) || br.resumes+1 >= br.c.retry.Attempts {
+			br.err = fmt.Errorf("fetch blob %s at byte %d: %w", br.desc.Digest, br.off, err)
+			return n, br.err
+		}
+		br.resumes++
+		br.c.log.DebugContext(br.ctx, "resuming blob transfer", "digest", br.desc.Digest, "offset", br.off, "err", err)
+		br.body.Close()
+		br.body = nil
+		if n == 0 {
+			return br.Read(p)
+		}
+	}
+	return n, nil
+}
+
+func (br *blobReader) Close() error {
+	if br.body == nil {
+		return nil
+	}
+	err := br.body.Close()
+	br.body = nil
+	if br.err == nil {
+		br.err = errors.New("read of closed blob")
+	}
+	return err
+}
+
+// ReadRange reads n bytes of a blob from offset off with a ranged GET. The
+// registry must answer 206 with exactly that Content-Range, or 200 with the
+// whole blob (the range is cut out of it). The bytes are not verified: the
+// caller knows the digests of the pieces it reads. Each attempt is bounded
+// by Options.RangeTimeout.
+func (c *Client) ReadRange(ctx context.Context, repo Repository, dgst digest.Digest, off, n int64) ([]byte, error) {
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("read range of blob %q: %w", dgst, err)
+	}
+	if off < 0 || n <= 0 {
+		return nil, fmt.Errorf("read range of blob %s: bad range offset %d length %d", dgst, off, n)
+	}
+	end := off + n - 1
+	buf := make([]byte, n)
+	_, err := c.send(ctx, request{
+		method:   http.MethodGet,
+		registry: repo.Registry,
+		path:     blobPath(repo, dgst),
+		scope:    repo.scope(),
+		header:   http.Header{"Range": {fmt.Sprintf("bytes=%d-%d", off, end)}},
+		accept:   []int{http.StatusOK, http.StatusPartialContent},
+		timeout:  c.opts.RangeTimeout,
+		read: func(resp *http.Response) error {
+			if resp.StatusCode == http.StatusPartialContent {
+				cr := resp.Header.Get("Content-Range")
+				s, e, _, err := parseContentRange(cr)
+				if err != nil || s != off || e != end {
+					return fmt.Errorf("%w: asked for bytes %d-%d, got Content-Range %q", ErrInvalidResponse, off, end, cr)
+				}
+			} else {
+				if resp.ContentLength >= 0 && resp.ContentLength <= end {
+					return fmt.Errorf("%w: bytes %d-%d are past the end of the %d-byte blob", ErrInvalidResponse, off, end, resp.ContentLength)
+				}
+				if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
+					return fmt.Errorf("skip to %d: %w", off, err)
+				}
+			}
+			if _, err := io.ReadFull(resp.Body, buf); err != nil {
+				return fmt.Errorf("read bytes %d-%d: %w", off, end, err)
+			}
+			return nil
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read range of blob %s: %w", dgst, err)
+	}
+	return buf, nil
+}
+
+// parseContentRange parses "bytes start-end/size"; size is -1 for "*".
+func parseContentRange(v string) (start, end, size int64, err error) {
+	bad := fmt.Errorf("bad Content-Range %q", v)
+	rest, ok := strings.CutPrefix(v, "bytes ")
+	if !ok {
+		return 0, 0, 0, bad
+	}
+	rng, total, ok := strings.Cut(rest, "/")
+	if !ok {
+		return 0, 0, 0, bad
+	}
+	a, b, ok := strings.Cut(rng, "-")
+	if !ok {
+		return 0, 0, 0, bad
+	}
+	start, err1 := strconv.ParseInt(a, 10, 64)
+	end, err2 := strconv.ParseInt(b, 10, 64)
+	if err1 != nil || err2 != nil || start < 0 || end < start {
+		return 0, 0, 0, bad
+	}
+	size = -1
+	if total != "*" {
+		size, err = strconv.ParseInt(total, 10, 64)
+		if err != nil || size <= end {
+			return 0, 0, 0, bad
+		}
+	}
+	return start, end, size, nil
+}

@@ -1,0 +1,145 @@
+package remote
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/api"
+)
+
+const maxInfoSize = 1 << 20
+
+// Info asks a registry whether it offers strata layer mounts (GET
+// /v2/_strata/info). It returns true with the registry's info on 200 with
+// valid JSON; any other answer (404, 401, a bad body, a status still failing
+// after retries) is false with no error, and the caller pulls the ordinary
+// way. The error is for a registry that could not be reached at all.
+func (c *Client) Info(ctx context.Context, registry string) (*api.Info, bool, error) {
+	var info api.Info
+	var decodeErr error
+	_, err := c.send(ctx, request{
+		method:   http.MethodGet,
+		registry: registry,
+		path:     api.InfoPath,
+		header:   http.Header{"Accept": {"application/json"}},
+		read: func(resp *http.Response) error {
+			b, err := io.ReadAll(io.LimitReader(resp.Body, maxInfoSize))
+			if err != nil {
+				return err
+			}
+			decodeErr = json.Unmarshal(b, &info)
+			return nil
+		},
+	})
+	var re *Error
+	switch {
+	case errors.As(err, &re):
+		c.log.DebugContext(ctx, "registry offers no layer mounts", "registry", registry, "err", err)
+		return nil, false, nil
+	case err != nil:
+		return nil, false, fmt.Errorf("layer-mount info of %s: %w", registry, err)
+	case decodeErr != nil:
+		c.log.WarnContext(ctx, "registry's layer-mount info is not valid JSON; not using layer mounts",
+			"registry", registry, "err", decodeErr)
+		return nil, false, nil
+	}
+	return &info, true, nil
+}
+
+// Mount asks the registry for the expanded form of layer in repo (POST
+// /v2/<name>/_strata/layers/<digest>/mount). While the registry expands it
+// (202), Mount waits as Retry-After asks, within Options.MountWait, then
+// fails with ErrExpanding. A layer not in the repository is ErrNotFound; one
+// the registry cannot expand is ErrExpansionFailed (an *Error carrying the
+// registry's message). The descriptor returned names layer.
+func (c *Client) Mount(ctx context.Context, repo Repository, layer digest.Digest) (*api.MountDescriptor, error) {
+	md, err := c.mount(ctx, repo, layer)
+	if err != nil {
+		return nil, fmt.Errorf("layer mount %s@%s: %w", repo, layer, err)
+	}
+	return md, nil
+}
+
+func (c *Client) mount(ctx context.Context, repo Repository, layer digest.Digest) (*api.MountDescriptor, error) {
+	if err := layer.Validate(); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	for poll := 1; ; poll++ {
+		var (
+			md      api.MountDescriptor
+			pending bool
+			after   string
+		)
+		_, err := c.send(ctx, request{
+			method:   http.MethodPost,
+			registry: repo.Registry,
+			path:     api.MountPath(repo.Name, layer),
+			scope:    repo.scope(),
+			header:   http.Header{"Accept": {"application/json"}},
+			accept:   []int{http.StatusOK, http.StatusAccepted},
+			read: func(resp *http.Response) error {
+				if resp.StatusCode == http.StatusAccepted {
+					pending, after = true, resp.Header.Get("Retry-After")
+					return nil
+				}
+				b, err := io.ReadAll(io.LimitReader(resp.Body, maxInfoSize))
+				if err != nil {
+					return err
+				}
+				if err := json.Unmarshal(b, &md); err != nil {
+					return fmt.Errorf("%w: mount descriptor: %v", ErrInvalidResponse, err)
+				}
+				return nil
+			},
+		})
+		if err != nil {
+			return nil, err
+		}
+		if !pending {
+			if err := checkMountDescriptor(&md, layer); err != nil {
+				return nil, err
+			}
+			return &md, nil
+		}
+		delay := c.backoff(poll, parseRetryAfter(after, time.Now()))
+		if time.Since(start)+delay > c.opts.MountWait {
+			return nil, fmt.Errorf("%w after %s", ErrExpanding, time.Since(start).Round(time.Millisecond))
+		}
+		c.log.DebugContext(ctx, "layer is being expanded; waiting", "repo", repo, "layer", layer, "delay", delay)
+		if err := sleep(ctx, delay); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func checkMountDescriptor(md *api.MountDescriptor, layer digest.Digest) error {
+	if md.Layer != layer {
+		return fmt.Errorf("%w: mount descriptor is for layer %q", ErrInvalidResponse, md.Layer)
+	}
+	for _, d := range []struct {
+		role string
+		dg   digest.Digest
+		size int64
+	}{{"index", md.Index.Digest, md.Index.Size}, {"data", md.Data.Digest, md.Data.Size}} {
+		if err := d.dg.Validate(); err != nil {
+			return fmt.Errorf("%w: mount descriptor's %s digest %q: %v", ErrInvalidResponse, d.role, d.dg, err)
+		}
+		if d.size < 0 {
+			return fmt.Errorf("%w: mount descriptor's %s size %d", ErrInvalidResponse, d.role, d.size)
+		}
+	}
+	if md.DiffID != "" {
+		if err := md.DiffID.Validate(); err != nil {
+			return fmt.Errorf("%w: mount descriptor's diff ID %q: %v", ErrInvalidResponse, md.DiffID, err)
+		}
+	}
+	return nil
+}
