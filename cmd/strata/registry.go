@@ -3,9 +3,12 @@ package main
 import (
 	"fmt"
 	"net"
+	"net/http"
 
 	"github.com/spf13/cobra"
 
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/expand"
 	"github.com/strata-oci/strata/internal/registry"
 	"github.com/strata-oci/strata/internal/store"
 )
@@ -13,6 +16,7 @@ import (
 func newRegistryCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{Use: "registry", Short: "Run the strata registry"}
 	var addr, root, cert, key string
+	var workers int
 	serve := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve an OCI registry with layer mounts from a directory (foreground)",
@@ -25,7 +29,19 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 			}
 			metrics := registry.NewMetrics()
 			cfg := registry.ServeConfig{Store: st, Logger: log, Metrics: metrics, TLSCert: cert, TLSKey: key}
-			reg := registry.New(st, registry.Options{Logger: log, Metrics: metrics})
+			exp, err := expand.New(st, expand.Options{
+				Logger:  log,
+				Workers: workers,
+				OnDone:  func(outcome string) { metrics.Expansion.WithLabelValues(outcome).Inc() },
+			})
+			if err != nil {
+				return err
+			}
+			go exp.Run(cmd.Context())
+			reg := registry.New(st, registry.Options{Logger: log, Metrics: metrics, OnManifest: exp.OnManifest})
+			reg.Extension(api.Extension, exp.Handler(func(r *http.Request) (string, string) {
+				return registry.RepoFromContext(r.Context())
+			}))
 			ln, err := net.Listen("tcp", addr)
 			if err != nil {
 				return err
@@ -40,6 +56,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	}
 	serve.Flags().StringVar(&addr, "addr", "127.0.0.1:5000", "listen address HOST:PORT")
 	serve.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
+	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
 	serve.Flags().StringVar(&cert, "tls-cert", "", "TLS certificate file (enables HTTPS)")
 	serve.Flags().StringVar(&key, "tls-key", "", "TLS key file")
 	cmd.AddCommand(serve)

@@ -283,6 +283,53 @@ func (s *Store) PutBlob(ctx context.Context, repo string, d digest.Digest, size 
 	return s.link(repo, d)
 }
 
+// CreateTemp creates a temporary file in the store's filesystem, for a
+// writer that will hand it to CommitFile. A crash leaves it in tmp/, which
+// Open empties.
+func (s *Store) CreateTemp(pattern string) (*os.File, error) {
+	return os.CreateTemp(filepath.Join(s.root, "tmp"), pattern)
+}
+
+// CommitFile makes the finished temporary file at path (from CreateTemp)
+// blob d of repo. The file's content is verified against d first, so a
+// caller's mistake can never name a blob wrongly.
+func (s *Store) CommitFile(ctx context.Context, repo, path string, d digest.Digest) error {
+	if err := validDigest(d); err != nil {
+		os.Remove(path)
+		return err
+	}
+	if s.HasBlob(d) {
+		os.Remove(path)
+		return s.link(repo, d)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	got, err := d.Algorithm().FromReader(f)
+	if err == nil {
+		err = f.Sync()
+	}
+	f.Close()
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
+	if got != d {
+		os.Remove(path)
+		return fmt.Errorf("%w: file is %s, not %s", ErrDigestInvalid, got, d)
+	}
+	if err := s.rename(path, s.blobPath(d)); err != nil {
+		return err
+	}
+	return s.link(repo, d)
+}
+
+// Link links blob d, which the store holds, into repo.
+func (s *Store) Link(ctx context.Context, repo string, d digest.Digest) error {
+	return s.MountBlob(ctx, repo, "", d)
+}
+
 // ---- repositories ----
 
 // Repositories lists the repositories that hold manifests or blobs, sorted.

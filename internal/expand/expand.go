@@ -1,0 +1,527 @@
+// Package expand is the registry's expansion service: it turns each pushed
+// layer into an expanded layer (a layerindex index and data blob), once per
+// layer digest, and answers layer-mount requests.
+//
+// Work arrives two ways: a pushed image manifest (or index) queues its
+// layers, and a mount request for a layer not yet expanded queues that
+// layer. Each layer digest is expanded at most once at a time by a bounded
+// pool of workers. The result is stored as two ordinary blobs and a small
+// record; when every layer of a manifest is done, the set is published as an
+// OCI artifact whose subject is the manifest (the Referrers API finds it).
+//
+// State under <store root>/expand/:
+//
+//	queue/<alg>-<hex>     a pending layer: JSON {layer, repos, manifests}; removed when done
+//	done/<alg>-<hex>      a finished expansion: the api.MountDescriptor as JSON
+//	failed/<alg>-<hex>    a layer that cannot be expanded: the reason, as text
+//
+// All three are written atomically. A restart re-queues everything in
+// queue/, so unfinished work is redone. Expansion never makes a push fail:
+// errors are logged and recorded, never returned to the pusher.
+package expand
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/opencontainers/go-digest"
+	specs "github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/store"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+// Sentinel errors of Mount.
+var (
+	// ErrPending: the layer is being expanded; ask again later.
+	ErrPending = errors.New("expansion in progress")
+	// ErrUnexpandable: the layer cannot be expanded (the error wraps the reason).
+	ErrUnexpandable = errors.New("layer cannot be expanded")
+)
+
+// Options configure the service.
+type Options struct {
+	// Logger; nil discards.
+	Logger *slog.Logger
+	// Workers bounds concurrent expansions (default 2).
+	Workers int
+	// Build is passed to layerindex.Build (budgets against hostile layers).
+	Build layerindex.Options
+	// OnDone, if set, is called after each expansion attempt with its
+	// outcome ("ok", "invalid", "error").
+	OnDone func(outcome string)
+}
+
+// Service expands layers of one store.
+type Service struct {
+	st   *store.Store
+	opts Options
+	log  *slog.Logger
+	dir  string
+
+	mu       sync.Mutex
+	inflight map[digest.Digest]bool
+	queue    chan digest.Digest
+	wg       sync.WaitGroup
+}
+
+// job is a queued layer and who is waiting for it.
+type job struct {
+	Layer digest.Digest `json:"layer"`
+	// Repos hold the layer; the first one is read from.
+	Repos []string `json:"repos"`
+	// Manifests (repo@digest) that publish an artifact when all their
+	// layers are done.
+	Manifests []string `json:"manifests,omitempty"`
+}
+
+// New returns a service over st. Call Run to start its workers.
+func New(st *store.Store, opts Options) (*Service, error) {
+	if opts.Workers <= 0 {
+		opts.Workers = 2
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	dir := filepath.Join(st.Root(), "expand")
+	for _, d := range []string{"queue", "done", "failed"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
+			return nil, fmt.Errorf("expand: %w", err)
+		}
+	}
+	return &Service{
+		st: st, opts: opts, log: log, dir: dir,
+		inflight: map[digest.Digest]bool{},
+		queue:    make(chan digest.Digest, 1<<16),
+	}, nil
+}
+
+// Run starts the workers, re-queues work left by a previous process, and
+// returns when ctx is done and the workers have stopped.
+func (s *Service) Run(ctx context.Context) {
+	for i := 0; i < s.opts.Workers; i++ {
+		s.wg.Add(1)
+		go s.worker(ctx)
+	}
+	ents, _ := os.ReadDir(filepath.Join(s.dir, "queue"))
+	for _, e := range ents {
+		if d, ok := nameDigest(e.Name()); ok {
+			s.schedule(d)
+		}
+	}
+	<-ctx.Done()
+	s.wg.Wait()
+}
+
+func recordName(d digest.Digest) string { return string(d.Algorithm()) + "-" + d.Encoded() }
+
+func nameDigest(name string) (digest.Digest, bool) {
+	alg, hex, ok := strings.Cut(name, "-")
+	d := digest.Digest(alg + ":" + hex)
+	return d, ok && d.Validate() == nil
+}
+
+func (s *Service) path(kind string, d digest.Digest) string {
+	return filepath.Join(s.dir, kind, recordName(d))
+}
+
+// writeAtomic writes a small record through a temporary file and rename.
+func writeAtomic(path string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-")
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
+
+// schedule hands layer d to the workers unless it is already in flight.
+func (s *Service) schedule(d digest.Digest) {
+	s.mu.Lock()
+	if s.inflight[d] {
+		s.mu.Unlock()
+		return
+	}
+	s.inflight[d] = true
+	s.mu.Unlock()
+	select {
+	case s.queue <- d:
+	default:
+		// The channel is full: the record in queue/ keeps the work; a
+		// restart or the next request for the layer picks it up.
+		s.mu.Lock()
+		delete(s.inflight, d)
+		s.mu.Unlock()
+		s.log.Warn("expansion queue full, deferring", "layer", d)
+	}
+}
+
+// enqueue records that repo holds layer d (and, if manifest is set, that
+// the manifest waits for it) and schedules the expansion.
+func (s *Service) enqueue(repo string, d digest.Digest, manifest string) error {
+	s.mu.Lock()
+	qp := s.path("queue", d)
+	var j job
+	if b, err := os.ReadFile(qp); err == nil {
+		json.Unmarshal(b, &j)
+	}
+	j.Layer = d
+	if !slices.Contains(j.Repos, repo) {
+		j.Repos = append(j.Repos, repo)
+	}
+	if manifest != "" && !slices.Contains(j.Manifests, manifest) {
+		j.Manifests = append(j.Manifests, manifest)
+	}
+	b, _ := json.Marshal(j)
+	err := writeAtomic(qp, b)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	s.schedule(d)
+	return nil
+}
+
+// layerMediaTypes are the layer types worth expanding; anything else in a
+// manifest (configs of artifacts, signatures, attestations) is left alone.
+var layerMediaTypes = map[string]bool{
+	ocispec.MediaTypeImageLayer:                                 true,
+	ocispec.MediaTypeImageLayerGzip:                             true,
+	ocispec.MediaTypeImageLayerZstd:                             true,
+	"application/vnd.docker.image.rootfs.diff.tar.gzip":         true,
+	"application/vnd.docker.image.rootfs.diff.tar":              true,
+	"application/vnd.docker.image.rootfs.diff.tar.zstd":         true,
+	"application/vnd.oci.image.layer.v1.tar+gzip+encrypted":     false,
+	ocispec.MediaTypeImageLayerNonDistributable:                 false, //nolint:staticcheck // recognised, never pushed
+	ocispec.MediaTypeImageLayerNonDistributableGzip:             false, //nolint:staticcheck
+	ocispec.MediaTypeImageLayerNonDistributableZstd:             false, //nolint:staticcheck
+	"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": false,
+}
+
+type manifestDoc struct {
+	MediaType    string               `json:"mediaType"`
+	ArtifactType string               `json:"artifactType"`
+	Config       *ocispec.Descriptor  `json:"config"`
+	Layers       []ocispec.Descriptor `json:"layers"`
+	Manifests    []ocispec.Descriptor `json:"manifests"`
+}
+
+// imageLayers returns the expandable layers of an image manifest.
+func imageLayers(content []byte) ([]digest.Digest, error) {
+	var doc manifestDoc
+	if err := json.Unmarshal(content, &doc); err != nil {
+		return nil, err
+	}
+	if doc.ArtifactType == layerindex.ArtifactTypeExpansion || (doc.Config != nil && doc.Config.MediaType != ocispec.MediaTypeImageConfig && doc.Config.MediaType != "application/vnd.docker.container.image.v1+json") {
+		return nil, nil // not a container image (an artifact, our own expansion among them)
+	}
+	var out []digest.Digest
+	for _, l := range doc.Layers {
+		if layerMediaTypes[l.MediaType] {
+			out = append(out, l.Digest)
+		}
+	}
+	return out, nil
+}
+
+// OnManifest queues the layers of a pushed manifest. It is the registry's
+// OnManifest hook: it logs errors and never fails the push.
+func (s *Service) OnManifest(ctx context.Context, repo string, m store.Manifest) {
+	layers, err := imageLayers(m.Content)
+	if err != nil {
+		s.log.Warn("expand: unreadable manifest", "repo", repo, "digest", m.Digest, "err", err)
+		return
+	}
+	ref := repo + "@" + m.Digest.String()
+	queued := false
+	for _, l := range layers {
+		if _, err := s.st.StatBlob(ctx, repo, l); err != nil {
+			continue // sparse manifest: the layer is not here
+		}
+		if s.done(l) != nil || s.failed(l) != "" {
+			continue
+		}
+		if err := s.enqueue(repo, l, ref); err != nil {
+			s.log.Warn("expand: cannot queue layer", "repo", repo, "layer", l, "err", err)
+		}
+		queued = true
+	}
+	if !queued {
+		s.maybePublish(ctx, ref)
+	}
+	// An index needs nothing: its children were pushed before it, and each
+	// queued its own layers.
+}
+
+func (s *Service) done(d digest.Digest) *api.MountDescriptor {
+	b, err := os.ReadFile(s.path("done", d))
+	if err != nil {
+		return nil
+	}
+	var md api.MountDescriptor
+	if json.Unmarshal(b, &md) != nil {
+		return nil
+	}
+	return &md
+}
+
+func (s *Service) failed(d digest.Digest) string {
+	b, err := os.ReadFile(s.path("failed", d))
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
+// Mount answers a layer-mount request for layer d of repo: the descriptor
+// when the expansion exists (its blobs linked into repo), ErrPending while it
+// runs (and queues it if nobody had), store.ErrBlobUnknown when the layer is
+// not in repo, or an error wrapping ErrUnexpandable with the reason.
+func (s *Service) Mount(ctx context.Context, repo string, d digest.Digest) (*api.MountDescriptor, error) {
+	if _, err := s.st.StatBlob(ctx, repo, d); err != nil {
+		return nil, err
+	}
+	if md := s.done(d); md != nil {
+		if err := s.st.Link(ctx, repo, md.Index.Digest); err != nil {
+			return nil, fmt.Errorf("expand %s: link index: %w", d, err)
+		}
+		if err := s.st.Link(ctx, repo, md.Data.Digest); err != nil {
+			return nil, fmt.Errorf("expand %s: link data: %w", d, err)
+		}
+		return md, nil
+	}
+	if reason := s.failed(d); reason != "" {
+		return nil, fmt.Errorf("%w: %s", ErrUnexpandable, reason)
+	}
+	if err := s.enqueue(repo, d, ""); err != nil {
+		return nil, err
+	}
+	return nil, ErrPending
+}
+
+func (s *Service) worker(ctx context.Context) {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case d := <-s.queue:
+			s.process(ctx, d)
+			s.mu.Lock()
+			delete(s.inflight, d)
+			s.mu.Unlock()
+		}
+	}
+}
+
+func (s *Service) process(ctx context.Context, d digest.Digest) {
+	s.mu.Lock()
+	b, err := os.ReadFile(s.path("queue", d))
+	s.mu.Unlock()
+	if err != nil {
+		return // done meanwhile
+	}
+	var j job
+	if err := json.Unmarshal(b, &j); err != nil || len(j.Repos) == 0 {
+		s.log.Warn("expand: dropping corrupt queue record", "layer", d, "err", err)
+		os.Remove(s.path("queue", d))
+		return
+	}
+	outcome := "ok"
+	if s.done(d) == nil && s.failed(d) == "" {
+		md, err := s.expand(ctx, j.Repos[0], d)
+		switch {
+		case err == nil:
+			b, _ := json.Marshal(md)
+			err = writeAtomic(s.path("done", d), b)
+			if err != nil {
+				outcome = "error"
+				s.log.Error("expand: recording result", "layer", d, "err", err)
+			}
+		case errors.Is(err, layerindex.ErrInvalidLayer):
+			outcome = "invalid"
+			s.log.Warn("layer cannot be expanded", "layer", d, "reason", err)
+			writeAtomic(s.path("failed", d), []byte(err.Error()))
+		default:
+			outcome = "error"
+			if ctx.Err() != nil {
+				return // shutting down: the queue record stays for the next start
+			}
+			s.log.Error("expand: failed, will retry on the next request", "layer", d, "err", err)
+			os.Remove(s.path("queue", d))
+			if s.opts.OnDone != nil {
+				s.opts.OnDone(outcome)
+			}
+			return
+		}
+		if s.opts.OnDone != nil {
+			s.opts.OnDone(outcome)
+		}
+	}
+	// Re-read: requests may have added waiters while we worked.
+	s.mu.Lock()
+	if b, err := os.ReadFile(s.path("queue", d)); err == nil {
+		json.Unmarshal(b, &j)
+	}
+	os.Remove(s.path("queue", d))
+	s.mu.Unlock()
+	for _, ref := range j.Manifests {
+		s.maybePublish(ctx, ref)
+	}
+}
+
+// expand builds the expansion of layer d (read from repo) and stores its
+// blobs.
+func (s *Service) expand(ctx context.Context, repo string, d digest.Digest) (*api.MountDescriptor, error) {
+	log := s.log.With("layer", d)
+	log.Info("expanding layer")
+	src, err := s.st.OpenBlob(ctx, repo, d)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close()
+	data, err := s.st.CreateTemp("expand-data-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(data.Name())
+	dataDigester := digest.Canonical.Digester()
+	counter := &countWriter{}
+	ix, err := layerindex.Build(ctx, src, io.MultiWriter(data, dataDigester.Hash(), counter), s.opts.Build)
+	if cerr := data.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("expand %s: %w", d, err)
+	}
+	if ix.Layer != d {
+		return nil, fmt.Errorf("expand %s: %w: blob content hashes to %s", d, layerindex.ErrInvalidLayer, ix.Layer)
+	}
+	idx, err := s.st.CreateTemp("expand-index-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(idx.Name())
+	idxDigester := digest.Canonical.Digester()
+	idxCounter := &countWriter{}
+	err = ix.Encode(io.MultiWriter(idx, idxDigester.Hash(), idxCounter))
+	if cerr := idx.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, fmt.Errorf("expand %s: encode index: %w", d, err)
+	}
+	md := &api.MountDescriptor{
+		Layer:   d,
+		DiffID:  ix.DiffID,
+		Version: layerindex.Version,
+		Index:   ocispec.Descriptor{MediaType: layerindex.MediaTypeIndex, Digest: idxDigester.Digest(), Size: idxCounter.n},
+		Data:    ocispec.Descriptor{MediaType: layerindex.MediaTypeData, Digest: dataDigester.Digest(), Size: counter.n},
+	}
+	if err := s.st.CommitFile(ctx, repo, data.Name(), md.Data.Digest); err != nil {
+		return nil, fmt.Errorf("expand %s: store data: %w", d, err)
+	}
+	if err := s.st.CommitFile(ctx, repo, idx.Name(), md.Index.Digest); err != nil {
+		return nil, fmt.Errorf("expand %s: store index: %w", d, err)
+	}
+	log.Info("layer expanded", "entries", len(ix.Entries), "index", md.Index.Size, "data", md.Data.Size)
+	return md, nil
+}
+
+type countWriter struct{ n int64 }
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
+
+// maybePublish publishes the expansion artifact of manifest ref
+// (repo@digest) once every expandable layer of it is done.
+func (s *Service) maybePublish(ctx context.Context, ref string) {
+	repo, ds, _ := strings.Cut(ref, "@")
+	md, err := digest.Parse(ds)
+	if err != nil {
+		return
+	}
+	m, err := s.st.GetManifest(ctx, repo, md)
+	if err != nil {
+		return // deleted meanwhile
+	}
+	layers, err := imageLayers(m.Content)
+	if err != nil || len(layers) == 0 {
+		return
+	}
+	var descs []ocispec.Descriptor
+	for _, l := range layers {
+		if _, err := s.st.StatBlob(ctx, repo, l); err != nil {
+			continue
+		}
+		done := s.done(l)
+		if done == nil {
+			if s.failed(l) != "" {
+				continue
+			}
+			return // still pending
+		}
+		if err := s.st.Link(ctx, repo, done.Index.Digest); err != nil {
+			return
+		}
+		if err := s.st.Link(ctx, repo, done.Data.Digest); err != nil {
+			return
+		}
+		idx, data := done.Index, done.Data
+		idx.Annotations = map[string]string{api.AnnotationLayer: l.String(), api.AnnotationRole: "index"}
+		data.Annotations = map[string]string{api.AnnotationLayer: l.String(), api.AnnotationRole: "data"}
+		descs = append(descs, idx, data)
+	}
+	if len(descs) == 0 {
+		return
+	}
+	empty := []byte("{}")
+	emptyDesc := ocispec.DescriptorEmptyJSON
+	if err := s.st.PutBlob(ctx, repo, emptyDesc.Digest, int64(len(empty)), strings.NewReader(string(empty))); err != nil {
+		s.log.Warn("expand: storing empty config", "err", err)
+		return
+	}
+	art := ocispec.Manifest{
+		Versioned:    specs.Versioned{SchemaVersion: 2},
+		MediaType:    ocispec.MediaTypeImageManifest,
+		ArtifactType: layerindex.ArtifactTypeExpansion,
+		Config:       ocispec.Descriptor{MediaType: emptyDesc.MediaType, Digest: emptyDesc.Digest, Size: emptyDesc.Size},
+		Layers:       descs,
+		Subject:      &ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: int64(len(m.Content))},
+	}
+	b, err := json.Marshal(art)
+	if err != nil {
+		return
+	}
+	ad := digest.Canonical.FromBytes(b)
+	err = s.st.PutManifest(ctx, repo,
+		store.Manifest{Digest: ad, MediaType: ocispec.MediaTypeImageManifest, Content: b, Subject: m.Digest},
+		store.ManifestMeta{Subject: m.Digest, ArtifactType: layerindex.ArtifactTypeExpansion}, nil)
+	if err != nil {
+		s.log.Warn("expand: publishing artifact", "manifest", ref, "err", err)
+		return
+	}
+	s.log.Info("expansion published as referrer", "manifest", ref, "artifact", ad)
+}

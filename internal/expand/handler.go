@@ -1,0 +1,81 @@
+package expand
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/store"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+// RetryAfter is the Retry-After (seconds) of a 202 answer.
+const RetryAfter = 1
+
+// RepoFunc extracts the repository and the path after /_strata/ from a
+// request routed to the extension (the registry's RepoFromContext).
+type RepoFunc func(r *http.Request) (repo, rest string)
+
+// Handler serves the layer-mount extension routes (see package api).
+func (s *Service) Handler(route RepoFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		repo, rest := route(r)
+		if repo == "" && rest == "info" {
+			if r.Method != http.MethodGet && r.Method != http.MethodHead {
+				writeErr(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "method not allowed")
+				return
+			}
+			b, _ := json.Marshal(api.Info{Versions: []int{layerindex.Version}})
+			w.Header().Set("Content-Type", "application/json")
+			w.Write(b)
+			return
+		}
+		tail, ok := strings.CutPrefix(rest, "layers/")
+		ds, ok2 := strings.CutSuffix(tail, "/mount")
+		if repo == "" || !ok || !ok2 {
+			writeErr(w, http.StatusNotFound, "NOT_FOUND", "no such extension route")
+			return
+		}
+		if r.Method != http.MethodPost {
+			writeErr(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "layer mounts are requested with POST")
+			return
+		}
+		d, err := digest.Parse(ds)
+		if err != nil {
+			writeErr(w, http.StatusBadRequest, "DIGEST_INVALID", "invalid layer digest "+strconv.Quote(ds))
+			return
+		}
+		md, err := s.Mount(r.Context(), repo, d)
+		switch {
+		case err == nil:
+			b, _ := json.Marshal(md)
+			w.Header().Set("Content-Type", "application/json")
+			w.Write(b)
+		case errors.Is(err, ErrPending):
+			w.Header().Set("Retry-After", strconv.Itoa(RetryAfter))
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusAccepted)
+			w.Write([]byte("{}"))
+		case errors.Is(err, store.ErrBlobUnknown):
+			writeErr(w, http.StatusNotFound, "BLOB_UNKNOWN", "layer "+d.String()+" is not in repository "+repo)
+		case errors.Is(err, store.ErrDigestInvalid):
+			writeErr(w, http.StatusBadRequest, "DIGEST_INVALID", err.Error())
+		case errors.Is(err, ErrUnexpandable):
+			writeErr(w, http.StatusUnprocessableEntity, api.CodeExpansionFailed, err.Error())
+		default:
+			s.log.Error("layer mount request failed", "repo", repo, "layer", d, "err", err)
+			writeErr(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
+		}
+	})
+}
+
+func writeErr(w http.ResponseWriter, status int, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+}

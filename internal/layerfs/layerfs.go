@@ -1,0 +1,334 @@
+// Package layerfs is the FUSE file system of one expanded layer.
+//
+// An FS presents the tree of a layer index read-only, as overlayfs expects
+// a lower layer: every entry with its mode, owner, times, link count,
+// device number and xattrs; hardlinks as one inode; a whiteout as a
+// character device 0/0; an opaque directory with the xattr
+// trusted.overlay.opaque=y. The tree comes from the index alone: mounting
+// fetches nothing.
+//
+// Reading a file fetches only the frames of the data blob that hold the
+// bytes read, coalescing adjacent frames into one ranged read, prefetching
+// a frame or two ahead of sequential reads, and verifying every frame
+// against the index before a byte of it is served. Frames are kept
+// compressed in the node's cache and decompressed in a small memory cache.
+// A source that keeps failing, or keeps returning bytes that fail
+// verification, makes the read fail with EIO within Options.FetchTimeout.
+//
+// A file whose whole content is in the node's cache (or is small enough to
+// be put there when it is opened) is opened with FUSE passthrough where the
+// kernel allows it (Linux 6.9 and later, as root): its reads go straight to
+// the cached file without entering this process.
+package layerfs
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/strata-oci/strata/internal/cache"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+// A Source reads the data blob of the layer, typically with ranged GETs
+// from a registry. ReadAt returns exactly bytes [off, off+n) of the blob,
+// or an error. It may be called concurrently.
+type Source interface {
+	ReadAt(ctx context.Context, off, n int64) ([]byte, error)
+}
+
+// Options tune an FS. The zero value gives the defaults.
+type Options struct {
+	// Logger receives fetch failures, corrupt frames and passthrough
+	// decisions. Nil discards.
+	Logger *slog.Logger
+
+	// CacheTimeout is how long the kernel may keep entries, attributes
+	// and negative lookups without asking again. Default 24 hours: the
+	// content never changes.
+	CacheTimeout time.Duration
+
+	// FetchTimeout bounds the time a read waits for the frames it needs,
+	// retries included; then it fails with EIO. Default 30 s.
+	FetchTimeout time.Duration
+	// AttemptTimeout bounds one request to the source. Default 10 s.
+	AttemptTimeout time.Duration
+	// Attempts is the number of requests made for a range before giving
+	// up. Default 3.
+	Attempts int
+	// Readahead is the number of frames of a file prefetched after a
+	// sequential read. Default 2; negative for none.
+	Readahead int
+	// MaxFetchBytes bounds the length of one coalesced request (a single
+	// frame is always requested whole). Default 8 MiB.
+	MaxFetchBytes int64
+	// MemoryBytes bounds the decompressed frames kept in memory.
+	// Default 32 MiB; negative for none.
+	MemoryBytes int64
+
+	// DisablePassthrough turns FUSE passthrough off: every read is served
+	// by this process.
+	DisablePassthrough bool
+	// MaterializeMax is the largest file that opening puts whole into the
+	// cache, to open it with passthrough. Default 1 MiB; negative: only
+	// files already in the cache are opened with passthrough.
+	MaterializeMax int64
+
+	// Name is the subtype of the mount: its type shows as fuse.<Name>.
+	// Default strata-<hex of the layer digest>.
+	Name string
+
+	// Debug logs every FUSE request (go-fuse's debug output).
+	Debug bool
+}
+
+func (o Options) withDefaults() Options {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.CacheTimeout <= 0 {
+		o.CacheTimeout = 24 * time.Hour
+	}
+	if o.FetchTimeout <= 0 {
+		o.FetchTimeout = 30 * time.Second
+	}
+	if o.AttemptTimeout <= 0 {
+		o.AttemptTimeout = 10 * time.Second
+	}
+	if o.Attempts <= 0 {
+		o.Attempts = 3
+	}
+	if o.Readahead == 0 {
+		o.Readahead = 2
+	}
+	if o.MaxFetchBytes <= 0 {
+		o.MaxFetchBytes = 8 << 20
+	}
+	if o.MemoryBytes == 0 {
+		o.MemoryBytes = 32 << 20
+	}
+	if o.MaterializeMax == 0 {
+		o.MaterializeMax = 1 << 20
+	}
+	return o
+}
+
+// An FS is the file system of one expanded layer. It may be mounted more
+// than once; the mounts share its frames and counters.
+type FS struct {
+	ix    *layerindex.Index
+	cache *cache.Cache
+	opts  Options
+	log   *slog.Logger
+	fetch *fetcher
+	st    counters
+
+	// primary maps each Hardlink entry to the Reg entry it names.
+	primary map[int]int
+}
+
+// New returns the file system of the layer described by ix, reading its
+// data blob from src. c is the node's cache; nil keeps frames only in
+// memory and disables passthrough. ix must not be modified afterwards.
+func New(ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*FS, error) {
+	if len(ix.Entries) == 0 || ix.Entries[0].Path != "" || ix.Entries[0].Type != layerindex.TypeDir {
+		return nil, fmt.Errorf("layerfs: %w: no root directory", layerindex.ErrInvalidIndex)
+	}
+	opts = opts.withDefaults()
+	f := &FS{ix: ix, cache: c, opts: opts, log: opts.Logger, primary: make(map[int]int)}
+	f.fetch = newFetcher(ix, src, c, &f.opts, &f.st)
+	for i := range ix.Entries {
+		e := &ix.Entries[i]
+		if e.Type != layerindex.TypeHardlink {
+			continue
+		}
+		j, ok := ix.Lookup(e.Linkname)
+		if !ok || ix.Entries[j].Type != layerindex.TypeReg {
+			return nil, fmt.Errorf("layerfs: %w: hardlink %q: target %q is not a regular file", layerindex.ErrInvalidIndex, e.Path, e.Linkname)
+		}
+		f.primary[i] = j
+	}
+	return f, nil
+}
+
+// A Server serves one mount of an FS.
+type Server struct {
+	fs     *FS
+	dir    string
+	server *fuse.Server
+}
+
+// Mount is New followed by FS.Mount.
+func Mount(ctx context.Context, dir string, ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*Server, error) {
+	f, err := New(ix, src, c, opts)
+	if err != nil {
+		return nil, err
+	}
+	return f.Mount(ctx, dir)
+}
+
+// Mount mounts the file system on dir, read-only, and returns once the
+// kernel has it. Unmount it with Server.Unmount.
+func (f *FS) Mount(ctx context.Context, dir string) (*Server, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	ms := &mountState{}
+	root := &node{fs: f, mnt: ms, i: 0}
+	timeout := f.opts.CacheTimeout
+	golog := slog.NewLogLogger(f.log.Handler(), slog.LevelDebug)
+	if !f.opts.Debug {
+		golog = log.New(io.Discard, "", 0)
+	}
+	name := f.opts.Name
+	if name == "" {
+		name = defaultName(f.ix)
+	}
+	server, err := fs.Mount(dir, root, &fs.Options{
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		Logger:          golog,
+		MountOptions: fuse.MountOptions{
+			AllowOther:           true,
+			FsName:               "strata",
+			Name:                 name,
+			Options:              []string{"ro", "default_permissions"},
+			DirectMount:          true,
+			DirectMountFlags:     syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
+			EnableSymlinkCaching: true,
+			MaxWrite:             1 << 20,
+			Debug:                f.opts.Debug,
+			Logger:               golog,
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mount layer %s on %s: %w", f.ix.Layer, dir, err)
+	}
+	ms.server.Store(server)
+	f.log.Debug("layerfs: mounted", "layer", f.ix.Layer, "dir", dir,
+		"kernel_passthrough", server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0)
+	return &Server{fs: f, dir: dir, server: server}, nil
+}
+
+// defaultName names the layer in the file system type: fuse.strata-<hex>.
+func defaultName(ix *layerindex.Index) string {
+	if ix.Layer.Validate() == nil {
+		return "strata-" + ix.Layer.Encoded()
+	}
+	return "strata"
+}
+
+// Dir returns the mount point.
+func (s *Server) Dir() string { return s.dir }
+
+// FS returns the file system the server serves.
+func (s *Server) FS() *FS { return s.fs }
+
+// Stats returns the counters of the file system, see FS.Stats.
+func (s *Server) Stats() Stats { return s.fs.Stats() }
+
+// Unmount unmounts the file system and waits until its server stopped. It
+// fails (EBUSY) while files of the mount are in use.
+func (s *Server) Unmount() error {
+	if err := s.server.Unmount(); err != nil {
+		return fmt.Errorf("unmount %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// Wait blocks until the file system is unmounted, by Unmount or by
+// someone else.
+func (s *Server) Wait() { s.server.Wait() }
+
+// mountState is what the nodes of one mount share.
+type mountState struct {
+	server atomic.Pointer[fuse.Server]
+
+	// passthrough: 0 not yet known, 1 works, -1 refused by the kernel.
+	passthrough atomic.Int32
+}
+
+// canPassthrough reports whether the kernel accepts backing files, trying
+// once per mount with the descriptor fd.
+func (m *mountState) canPassthrough(log *slog.Logger, fd uintptr) bool {
+	switch m.passthrough.Load() {
+	case 1:
+		return true
+	case -1:
+		return false
+	}
+	srv := m.server.Load()
+	if srv == nil {
+		return false // still mounting
+	}
+	ok := false
+	if srv.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH == 0 {
+		log.Info("layerfs: the kernel does not offer FUSE passthrough; serving reads")
+	} else if id, errno := srv.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)}); errno != 0 {
+		log.Info("layerfs: the kernel refuses FUSE passthrough backing files; serving reads", "err", errno)
+	} else {
+		srv.UnregisterBackingFd(id)
+		ok = true
+	}
+	if ok {
+		m.passthrough.CompareAndSwap(0, 1)
+	} else {
+		m.passthrough.CompareAndSwap(0, -1)
+	}
+	return m.passthrough.Load() == 1
+}
+
+// Stats count what an FS did since New.
+type Stats struct {
+	BytesFetched  int64 // compressed bytes read from the source
+	FramesFetched int64 // frames read from the source and verified
+	Requests      int64 // successful requests to the source
+	SourceErrors  int64 // failed requests: errors, timeouts, short reads
+	CorruptFrames int64 // frames from the source that failed verification
+	CacheHits     int64 // frames found in the node's cache
+	MemoryHits    int64 // frames found decompressed in memory
+
+	Materialized     int64 // files put whole into the cache on open
+	PassthroughOpens int64 // opens whose reads the kernel serves from the cache
+	ServedOpens      int64 // opens whose reads this process serves
+	ServedReads      int64 // read requests this process answered
+	ServedBytes      int64 // bytes those requests returned
+}
+
+type counters struct {
+	fetchedBytes, fetchedFrames, requests, sourceErrors, corruptFrames atomic.Int64
+	cacheHits, memoryHits                                              atomic.Int64
+	materialized, passthroughOpens, servedOpens                        atomic.Int64
+	servedReads, servedBytes                                           atomic.Int64
+}
+
+// Stats returns the counters.
+func (f *FS) Stats() Stats {
+	s := &f.st
+	return Stats{
+		BytesFetched:     s.fetchedBytes.Load(),
+		FramesFetched:    s.fetchedFrames.Load(),
+		Requests:         s.requests.Load(),
+		SourceErrors:     s.sourceErrors.Load(),
+		CorruptFrames:    s.corruptFrames.Load(),
+		CacheHits:        s.cacheHits.Load(),
+		MemoryHits:       s.memoryHits.Load(),
+		Materialized:     s.materialized.Load(),
+		PassthroughOpens: s.passthroughOpens.Load(),
+		ServedOpens:      s.servedOpens.Load(),
+		ServedReads:      s.servedReads.Load(),
+		ServedBytes:      s.servedBytes.Load(),
+	}
+}
+
+// Index returns the index the FS presents.
+func (f *FS) Index() *layerindex.Index { return f.ix }
