@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -14,7 +15,10 @@ func main() {
 	err := newRootCmd().ExecuteContext(ctx)
 	stop()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "strata:", err)
+		var ee exitError
+		if !errors.As(err, &ee) {
+			fmt.Fprintln(os.Stderr, "strata:", err)
+		}
 		os.Exit(exitCode(err))
 	}
 }

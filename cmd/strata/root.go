@@ -4,15 +4,17 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 )
 
 // globalFlags are the flags every subcommand shares.
 type globalFlags struct {
-	root      string
-	cacheSize string
-	logLevel  string
+	root         string
+	cacheSize    string
+	logLevel     string
+	fetchTimeout time.Duration
 }
 
 // exitError carries a process exit code (a container's, for strata run).
@@ -38,8 +40,10 @@ func newRootCmd() *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&g.root, "root", "/var/lib/strata", "node state directory")
 	cmd.PersistentFlags().StringVar(&g.cacheSize, "cache-size", "2GiB", "bound on the node's content cache (e.g. 16MiB, 2GiB)")
+	cmd.PersistentFlags().DurationVar(&g.fetchTimeout, "fetch-timeout", 30*time.Second, "bound on a read that waits for the registry; then the read fails with EIO")
 	cmd.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	cmd.AddCommand(newRegistryCmd(g))
+	cmd.AddCommand(newRegistryCmd(g), newDaemonCmd(g), newPullCmd(g), newMountCmd(g), newUmountCmd(g),
+		newDFCmd(g), newImagesCmd(g), newRmiCmd(g), newRunCmd(g), newPsCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g))
 	return cmd
 }
 

@@ -1,0 +1,71 @@
+package node
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"github.com/strata-oci/strata/api"
+)
+
+// LayerUsage is one layer's line of `strata df`.
+type LayerUsage struct {
+	Digest string `json:"digest"`
+	Mode   string `json:"mode"`
+	// Mounted layers are in use by Refs leases.
+	Mounted bool `json:"mounted"`
+	Refs    int  `json:"refs"`
+	// Total is the size of what a full fetch would transfer: the expanded
+	// data blob for lazy layers, the layer blob for unpacked ones.
+	Total int64 `json:"total"`
+	// Fetched is what this daemon fetched of it from the registry.
+	Fetched int64 `json:"fetched"`
+}
+
+// DFReport is what `strata df` shows.
+type DFReport struct {
+	Layers     []LayerUsage `json:"layers"`
+	CacheBytes int64        `json:"cacheBytes"`
+	CacheLimit int64        `json:"cacheLimit"`
+	CacheItems int          `json:"cacheItems"`
+}
+
+// DF reports per-layer bytes fetched against totals, and cache use.
+func (m *Manager) DF() *DFReport {
+	r := &DFReport{}
+	dirs, _ := filepath.Glob(filepath.Join(m.root, "layers", "*"))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, dir := range dirs {
+		d, ok := dirDigest(filepath.Base(dir))
+		if !ok {
+			continue
+		}
+		u := LayerUsage{Digest: d.String()}
+		if b, err := os.ReadFile(filepath.Join(dir, "mount.json")); err == nil {
+			var md api.MountDescriptor
+			if json.Unmarshal(b, &md) == nil {
+				u.Mode, u.Total = ModeLazy, md.Data.Size
+			}
+		} else if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
+			u.Mode = ModeUnpacked
+		} else {
+			continue
+		}
+		if l, ok := m.layers[d]; ok {
+			u.Mounted, u.Refs = true, l.refs
+			if l.mode == ModeUnpacked {
+				u.Total, u.Fetched = l.size, l.size
+			}
+			if l.server != nil {
+				u.Fetched = l.server.Stats().BytesFetched
+			}
+		}
+		r.Layers = append(r.Layers, u)
+	}
+	sort.Slice(r.Layers, func(i, j int) bool { return r.Layers[i].Digest < r.Layers[j].Digest })
+	st := m.cache.Stats()
+	r.CacheBytes, r.CacheLimit, r.CacheItems = st.Bytes, m.opts.CacheSize, st.Items
+	return r
+}

@@ -1,0 +1,675 @@
+// Package node is the node's layer mount manager: it resolves images, asks
+// the registry for layer mounts, mounts each expanded layer once (FUSE,
+// shared, refcounted), falls back to pulling and unpacking layers from
+// registries without layer mounts, and holds the leases that keep layers
+// mounted while containers and union mounts use them.
+//
+// State under the node root:
+//
+//	<root>/
+//	  cache/                       the verified content cache (package cache)
+//	  layers/<alg>-<hex>/index     a layer's index blob, verified, bound to the layer digest
+//	  layers/<alg>-<hex>/mnt/      the layer's FUSE mount point (while mounted)
+//	  layers/<alg>-<hex>/fs/       a fallback layer's unpacked tree
+//	  images/<hash of ref>.json    a pulled image: reference, digest, config, layers, mode
+//	  leases/<id>.json             what holds layers mounted: a container or a union mount
+//	  strata.sock, daemon.pid      the node daemon (package node's Serve)
+package node
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/strata-oci/strata/internal/cache"
+	"github.com/strata-oci/strata/internal/layerfs"
+	"github.com/strata-oci/strata/internal/overlay"
+	"github.com/strata-oci/strata/internal/remote"
+	"github.com/strata-oci/strata/internal/unpack"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+// Modes of a pulled layer.
+const (
+	ModeLazy     = "lazy"     // layer mount from the registry's expansion, FUSE
+	ModeUnpacked = "unpacked" // fallback: downloaded and unpacked
+)
+
+// Options configure a Manager.
+type Options struct {
+	Root      string
+	CacheSize int64
+	Logger    *slog.Logger
+	// Remote builds the registry client; plain reports whether a registry
+	// is reached over plain HTTP.
+	Remote func(plain func(registry string) bool) *remote.Client
+	// FetchTimeout bounds a read that must fetch from the registry; past it
+	// the read fails with EIO (0: layerfs's default).
+	FetchTimeout time.Duration
+	// Progress, if set, receives fallback download progress.
+	Progress func(layer digest.Digest, done, total int64)
+}
+
+// Manager mounts layers and keeps track of who uses them.
+type Manager struct {
+	opts   Options
+	root   string
+	log    *slog.Logger
+	cache  *cache.Cache
+	client *remote.Client
+
+	mu     sync.Mutex
+	plain  map[string]bool
+	info   map[string]bool // registry → offers layer mounts
+	layers map[digest.Digest]*layer
+	leases map[string]*Lease
+}
+
+// layer is a mounted layer.
+type layer struct {
+	digest digest.Digest
+	mode   string
+	dir    string // what overlay uses as a lower
+	refs   int
+	server *layerfs.Server // lazy layers
+	size   int64           // compressed layer size
+	usize  int64           // uncompressed bytes of file data
+}
+
+// Image is a pulled image as the node records it.
+type Image struct {
+	Ref      string               `json:"ref"`
+	Digest   digest.Digest        `json:"digest"`
+	Registry string               `json:"registry"`
+	Repo     string               `json:"repo"`
+	Config   ocispec.Image        `json:"config"`
+	Layers   []ocispec.Descriptor `json:"layers"` // bottom first, as in the manifest
+	Mode     string               `json:"mode"`
+	Pulled   time.Time            `json:"pulled"`
+	// Reason says why the fallback was taken.
+	Reason string `json:"reason,omitempty"`
+}
+
+// Lease keeps an image's layers mounted.
+type Lease struct {
+	ID     string   `json:"id"`
+	Ref    string   `json:"ref"`
+	Image  *Image   `json:"image"`
+	Lowers []string `json:"lowers"` // top first
+	// Union is the read-only union mount point of a `strata mount`.
+	Union string `json:"union,omitempty"`
+	// PID, if set, is the process holding the lease; the lease ends when it dies.
+	PID int `json:"pid,omitempty"`
+}
+
+// Open opens the node state at opts.Root, cleaning up after a crashed
+// process: stale FUSE mounts are detached, then leases are restored.
+func Open(ctx context.Context, opts Options) (*Manager, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	for _, d := range []string{"layers", "images", "leases", "cache"} {
+		if err := os.MkdirAll(filepath.Join(opts.Root, d), 0o755); err != nil {
+			return nil, fmt.Errorf("node root: %w", err)
+		}
+	}
+	c, err := cache.Open(filepath.Join(opts.Root, "cache"), cache.Options{MaxBytes: opts.CacheSize, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	m := &Manager{
+		opts: opts, root: opts.Root, log: log, cache: c,
+		plain: map[string]bool{}, info: map[string]bool{},
+		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
+	}
+	m.client = opts.Remote(m.isPlain)
+	m.cleanStale()
+	m.restore(ctx)
+	return m, nil
+}
+
+func (m *Manager) isPlain(registry string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.plain[registry]
+}
+
+// cleanStale detaches mounts a crashed daemon left: union mounts of leases
+// first, then layer FUSE mounts.
+func (m *Manager) cleanStale() {
+	leases, _ := filepath.Glob(filepath.Join(m.root, "leases", "*.json"))
+	for _, p := range leases {
+		var l Lease
+		if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &l) == nil && l.Union != "" {
+			overlay.Unmount(l.Union, true)
+		}
+	}
+	mnts, _ := filepath.Glob(filepath.Join(m.root, "layers", "*", "mnt"))
+	for _, p := range mnts {
+		overlay.Unmount(p, true)
+	}
+}
+
+// restore re-establishes the leases recorded on disk: union mounts are
+// mounted again; containers' leases keep their layers mounted.
+func (m *Manager) restore(ctx context.Context) {
+	paths, _ := filepath.Glob(filepath.Join(m.root, "leases", "*.json"))
+	for _, p := range paths {
+		var l Lease
+		b, err := os.ReadFile(p)
+		if err == nil {
+			err = json.Unmarshal(b, &l)
+		}
+		if err != nil || l.Image == nil {
+			m.log.Warn("dropping unreadable lease", "path", p, "err", err)
+			os.Remove(p)
+			continue
+		}
+		if l.PID > 0 && !alive(l.PID) {
+			os.Remove(p)
+			continue
+		}
+		if _, err := m.acquire(ctx, l.ID, l.Image, l.Union, l.PID); err != nil {
+			m.log.Warn("cannot restore lease", "id", l.ID, "err", err)
+			os.Remove(p)
+			continue
+		}
+		m.log.Info("restored lease", "id", l.ID, "ref", l.Ref, "union", l.Union)
+	}
+}
+
+func alive(pid int) bool {
+	_, err := os.Stat(filepath.Join("/proc", fmt.Sprint(pid)))
+	return err == nil
+}
+
+func layerDir(root string, d digest.Digest) string {
+	return filepath.Join(root, "layers", string(d.Algorithm())+"-"+d.Encoded())
+}
+
+func imagePath(root, ref string) string {
+	h := sha256.Sum256([]byte(ref))
+	return filepath.Join(root, "images", hex.EncodeToString(h[:12])+".json")
+}
+
+// Pull resolves ref and makes every layer available: a layer mount when
+// the registry offers one, else a download and unpack. It records the image.
+func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image, error) {
+	r, err := remote.ParseReference(ref)
+	if err != nil {
+		return nil, err
+	}
+	if plainHTTP {
+		m.mu.Lock()
+		m.plain[r.Registry] = true
+		m.mu.Unlock()
+	}
+	img, err := m.client.Resolve(ctx, r)
+	if err != nil {
+		return nil, fmt.Errorf("resolve %s: %w", ref, err)
+	}
+	if len(img.Config.RootFS.DiffIDs) != len(img.Manifest.Layers) {
+		return nil, fmt.Errorf("image %s: config lists %d diff IDs for %d layers", ref, len(img.Config.RootFS.DiffIDs), len(img.Manifest.Layers))
+	}
+	rec := &Image{
+		Ref: r.String(), Digest: img.Digest, Registry: r.Registry, Repo: r.Name,
+		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
+	}
+	lazy, reason := m.offersMounts(ctx, r.Registry)
+	for i, l := range img.Manifest.Layers {
+		diffID := img.Config.RootFS.DiffIDs[i]
+		if lazy {
+			err := m.fetchIndex(ctx, r.Repository, l, diffID)
+			if err == nil {
+				continue
+			}
+			if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) {
+				lazy, reason = false, fmt.Sprintf("layer %s has no layer mount: %v", l.Digest, err)
+			} else {
+				return nil, err
+			}
+		}
+		if err := m.unpackLayer(ctx, r.Repository, l, diffID); err != nil {
+			return nil, err
+		}
+	}
+	if !lazy {
+		rec.Mode, rec.Reason = ModeUnpacked, reason
+	}
+	b, _ := json.MarshalIndent(rec, "", "  ")
+	if err := writeAtomic(imagePath(m.root, rec.Ref), b); err != nil {
+		return nil, err
+	}
+	return rec, nil
+}
+
+// offersMounts asks a registry, once, whether it serves layer mounts.
+func (m *Manager) offersMounts(ctx context.Context, registry string) (bool, string) {
+	m.mu.Lock()
+	v, ok := m.info[registry]
+	m.mu.Unlock()
+	if ok {
+		if !v {
+			return false, "the registry does not offer layer mounts"
+		}
+		return true, ""
+	}
+	info, ok, err := m.client.Info(ctx, registry)
+	if err != nil {
+		return false, "asking the registry for layer mounts failed: " + err.Error()
+	}
+	if ok {
+		ok = false
+		for _, v := range info.Versions {
+			if v == layerindex.Version {
+				ok = true
+			}
+		}
+	}
+	m.mu.Lock()
+	m.info[registry] = ok
+	m.mu.Unlock()
+	if !ok {
+		return false, "the registry does not offer layer mounts"
+	}
+	return true, ""
+}
+
+// fetchIndex gets the layer's mount descriptor and index, verifies the index
+// against the descriptor and binds it to the layer and diff ID the image
+// names, and saves it.
+func (m *Manager) fetchIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) error {
+	dir := layerDir(m.root, l.Digest)
+	idxPath := filepath.Join(dir, "index")
+	if _, err := os.Stat(idxPath); err == nil {
+		return nil
+	}
+	md, err := m.client.Mount(ctx, repo, l.Digest)
+	if err != nil {
+		return fmt.Errorf("layer mount %s: %w", l.Digest, err)
+	}
+	rc, err := m.client.FetchBlob(ctx, repo, md.Index)
+	if err != nil {
+		return fmt.Errorf("layer %s index: %w", l.Digest, err)
+	}
+	b, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		return fmt.Errorf("layer %s index: %w", l.Digest, err)
+	}
+	ix, err := layerindex.Decode(b)
+	if err != nil {
+		return fmt.Errorf("layer %s index: %w", l.Digest, err)
+	}
+	if ix.Layer != l.Digest || ix.DiffID != diffID || ix.Data != md.Data.Digest || ix.DataSize != md.Data.Size {
+		return fmt.Errorf("layer %s: the registry's expansion is not bound to this image (index names layer %s, diff ID %s)", l.Digest, ix.Layer, ix.DiffID)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	meta, _ := json.Marshal(md)
+	if err := writeAtomic(filepath.Join(dir, "mount.json"), meta); err != nil {
+		return err
+	}
+	return writeAtomic(idxPath, b)
+}
+
+// unpackLayer downloads and unpacks a layer for the fallback path.
+func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) error {
+	dir := layerDir(m.root, l.Digest)
+	fs := filepath.Join(dir, "fs")
+	if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
+		return nil
+	}
+	os.RemoveAll(fs)
+	if err := os.MkdirAll(fs, 0o755); err != nil {
+		return err
+	}
+	rc, err := m.client.FetchBlob(ctx, repo, l)
+	if err != nil {
+		return fmt.Errorf("download layer %s: %w", l.Digest, err)
+	}
+	defer rc.Close()
+	var progress func(int64)
+	if m.opts.Progress != nil {
+		progress = func(n int64) { m.opts.Progress(l.Digest, n, l.Size) }
+	}
+	st, err := unpack.Layer(ctx, rc, fs, unpack.Options{Logger: m.log, Progress: progress})
+	if err != nil {
+		os.RemoveAll(fs)
+		return fmt.Errorf("unpack layer %s: %w", l.Digest, err)
+	}
+	if st.DiffID != diffID {
+		os.RemoveAll(fs)
+		return fmt.Errorf("layer %s: unpacked content is %s, the image config says %s", l.Digest, st.DiffID, diffID)
+	}
+	return writeAtomic(filepath.Join(dir, "unpacked"), []byte(st.DiffID.String()))
+}
+
+// Images lists pulled images.
+func (m *Manager) Images() ([]*Image, error) {
+	paths, _ := filepath.Glob(filepath.Join(m.root, "images", "*.json"))
+	var out []*Image
+	for _, p := range paths {
+		var img Image
+		if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &img) == nil {
+			out = append(out, &img)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
+	return out, nil
+}
+
+// image returns the recorded image for ref, pulling it if needed.
+func (m *Manager) image(ctx context.Context, ref string, plainHTTP bool) (*Image, error) {
+	if r, err := remote.ParseReference(ref); err == nil {
+		if b, err := os.ReadFile(imagePath(m.root, r.String())); err == nil {
+			var img Image
+			if json.Unmarshal(b, &img) == nil {
+				if plainHTTP {
+					m.mu.Lock()
+					m.plain[img.Registry] = true
+					m.mu.Unlock()
+				}
+				return &img, nil
+			}
+		}
+	}
+	return m.Pull(ctx, ref, plainHTTP)
+}
+
+// RemoveImage forgets a pulled image; its layers stay while leases use them.
+func (m *Manager) RemoveImage(ctx context.Context, ref string) error {
+	r, err := remote.ParseReference(ref)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	for _, l := range m.leases {
+		if l.Ref == r.String() {
+			m.mu.Unlock()
+			return fmt.Errorf("image %s is in use by %s", ref, l.ID)
+		}
+	}
+	m.mu.Unlock()
+	p := imagePath(m.root, r.String())
+	if _, err := os.Stat(p); err != nil {
+		return fmt.Errorf("image %s: not pulled", ref)
+	}
+	return os.Remove(p)
+}
+
+// Acquire mounts ref's layers (pulling if needed) and records lease id.
+// union, if set, is where a read-only union of the image is mounted.
+func (m *Manager) Acquire(ctx context.Context, id, ref string, plainHTTP bool, union string, pid int) (*Lease, error) {
+	img, err := m.image(ctx, ref, plainHTTP)
+	if err != nil {
+		return nil, err
+	}
+	return m.acquire(ctx, id, img, union, pid)
+}
+
+func (m *Manager) acquire(ctx context.Context, id string, img *Image, union string, pid int) (*Lease, error) {
+	m.mu.Lock()
+	if _, ok := m.leases[id]; ok {
+		m.mu.Unlock()
+		return nil, fmt.Errorf("lease %s exists", id)
+	}
+	m.mu.Unlock()
+	var got []*layer
+	release := func() {
+		for _, l := range got {
+			m.unref(l)
+		}
+	}
+	for _, d := range img.Layers {
+		l, err := m.ref(ctx, img, d)
+		if err != nil {
+			release()
+			return nil, err
+		}
+		got = append(got, l)
+	}
+	lease := &Lease{ID: id, Ref: img.Ref, Image: img, PID: pid}
+	for i := len(got) - 1; i >= 0; i-- {
+		lease.Lowers = append(lease.Lowers, got[i].dir)
+	}
+	if union != "" {
+		plan, err := overlay.Plan(overlay.Spec{Lowers: lease.Lowers})
+		if err == nil {
+			err = plan.Do(union)
+		}
+		if err != nil {
+			release()
+			return nil, fmt.Errorf("union mount at %s: %w", union, err)
+		}
+		lease.Union = union
+	}
+	b, _ := json.MarshalIndent(lease, "", "  ")
+	if err := writeAtomic(filepath.Join(m.root, "leases", leaseFile(id)), b); err != nil {
+		if union != "" {
+			overlay.Unmount(union, true)
+		}
+		release()
+		return nil, err
+	}
+	m.mu.Lock()
+	m.leases[id] = lease
+	m.mu.Unlock()
+	return lease, nil
+}
+
+func leaseFile(id string) string {
+	h := sha256.Sum256([]byte(id))
+	return hex.EncodeToString(h[:12]) + ".json"
+}
+
+// Release ends lease id: its union is unmounted and its layers unreferenced
+// (unmounted when no other lease uses them).
+func (m *Manager) Release(ctx context.Context, id string) error {
+	m.mu.Lock()
+	lease, ok := m.leases[id]
+	delete(m.leases, id)
+	m.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("no lease %s", id)
+	}
+	if lease.Union != "" {
+		if err := overlay.Unmount(lease.Union, false); err != nil {
+			m.log.Warn("union busy, detaching", "dir", lease.Union, "err", err)
+			overlay.Unmount(lease.Union, true)
+		}
+	}
+	os.Remove(filepath.Join(m.root, "leases", leaseFile(id)))
+	for _, d := range lease.Image.Layers {
+		m.mu.Lock()
+		l := m.layers[d.Digest]
+		m.mu.Unlock()
+		if l != nil {
+			m.unref(l)
+		}
+	}
+	return nil
+}
+
+// LeaseByUnion finds the lease of a union mount point.
+func (m *Manager) LeaseByUnion(dir string) (string, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id, l := range m.leases {
+		if l.Union == dir {
+			return id, true
+		}
+	}
+	return "", false
+}
+
+// Leases returns the current leases.
+func (m *Manager) Leases() []*Lease {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]*Lease, 0, len(m.leases))
+	for _, l := range m.leases {
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// ReapDead ends leases whose holder process has exited.
+func (m *Manager) ReapDead(ctx context.Context) {
+	for _, l := range m.Leases() {
+		if l.PID > 0 && !alive(l.PID) {
+			m.log.Info("releasing the lease of an exited process", "id", l.ID, "pid", l.PID)
+			m.Release(ctx, l.ID)
+		}
+	}
+}
+
+// ref mounts layer d of img (once) and takes a reference.
+func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor) (*layer, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if l, ok := m.layers[d.Digest]; ok {
+		l.refs++
+		return l, nil
+	}
+	dir := layerDir(m.root, d.Digest)
+	l := &layer{digest: d.Digest, refs: 1, size: d.Size}
+	if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
+		l.mode, l.dir = ModeUnpacked, filepath.Join(dir, "fs")
+		m.layers[d.Digest] = l
+		return l, nil
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "index"))
+	if err != nil {
+		return nil, fmt.Errorf("layer %s is not pulled", d.Digest)
+	}
+	ix, err := layerindex.Decode(b)
+	if err != nil {
+		return nil, fmt.Errorf("layer %s: saved index: %w", d.Digest, err)
+	}
+	if ix.Layer != d.Digest {
+		return nil, fmt.Errorf("layer %s: saved index is for %s", d.Digest, ix.Layer)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	overlay.Unmount(mnt, true) // a stale mount from a crashed daemon
+	if err := os.MkdirAll(mnt, 0o755); err != nil {
+		return nil, err
+	}
+	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
+	src := &blobSource{client: m.client, repo: repo, digest: ix.Data}
+	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout)})
+	if err != nil {
+		return nil, fmt.Errorf("mount layer %s: %w", d.Digest, err)
+	}
+	l.mode, l.dir, l.server, l.usize = ModeLazy, mnt, srv, ix.StreamSize
+	m.layers[d.Digest] = l
+	m.log.Info("layer mounted", "layer", d.Digest, "entries", len(ix.Entries))
+	return l, nil
+}
+
+func (m *Manager) unref(l *layer) {
+	m.mu.Lock()
+	l.refs--
+	if l.refs > 0 {
+		m.mu.Unlock()
+		return
+	}
+	delete(m.layers, l.digest)
+	m.mu.Unlock()
+	if l.server != nil {
+		if err := l.server.Unmount(); err != nil {
+			m.log.Warn("layer unmount", "layer", l.digest, "err", err)
+			overlay.Unmount(l.dir, true)
+		}
+	}
+}
+
+// Close ends every lease and unmounts everything.
+func (m *Manager) Close(ctx context.Context) {
+	for _, l := range m.Leases() {
+		// Keep the lease records: a restarted daemon restores them.
+		m.mu.Lock()
+		delete(m.leases, l.ID)
+		m.mu.Unlock()
+		if l.Union != "" {
+			overlay.Unmount(l.Union, true)
+		}
+	}
+	m.mu.Lock()
+	layers := make([]*layer, 0, len(m.layers))
+	for _, l := range m.layers {
+		layers = append(layers, l)
+	}
+	m.layers = map[digest.Digest]*layer{}
+	m.mu.Unlock()
+	for _, l := range layers {
+		if l.server != nil {
+			l.server.Unmount()
+		}
+	}
+}
+
+// blobSource reads a data blob's bytes with ranged GETs.
+type blobSource struct {
+	client *remote.Client
+	repo   remote.Repository
+	digest digest.Digest
+}
+
+func (s *blobSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
+	return s.client.ReadRange(ctx, s.repo, s.digest, off, n)
+}
+
+func writeAtomic(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-")
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
+
+func dirDigest(name string) (digest.Digest, bool) {
+	alg, hex, ok := strings.Cut(name, "-")
+	d := digest.Digest(alg + ":" + hex)
+	return d, ok && d.Validate() == nil
+}
+
+// attemptTimeout is the per-request deadline within a fetch bound.
+func attemptTimeout(fetch time.Duration) time.Duration {
+	if fetch <= 0 {
+		return 0
+	}
+	return max(fetch/3, time.Second)
+}
