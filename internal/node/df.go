@@ -19,7 +19,7 @@ type LayerUsage struct {
 	// Total is the size of what a full fetch would transfer: the expanded
 	// data blob for lazy layers, the layer blob for unpacked ones.
 	Total int64 `json:"total"`
-	// Fetched is what this daemon fetched of it from the registry.
+	// Fetched is what the node fetched of it from the registry.
 	Fetched int64 `json:"fetched"`
 }
 
@@ -53,13 +53,16 @@ func (m *Manager) DF() *DFReport {
 		} else {
 			continue
 		}
+		if u.Mode == ModeLazy {
+			u.Fetched = m.fetchedBefore(d)
+		}
 		if l, ok := m.layers[d]; ok {
 			u.Mounted, u.Refs = true, l.refs
 			if l.mode == ModeUnpacked {
 				u.Total, u.Fetched = l.size, l.size
 			}
 			if l.server != nil {
-				u.Fetched = l.server.Stats().BytesFetched
+				u.Fetched += l.server.Stats().BytesFetched
 			}
 		}
 		r.Layers = append(r.Layers, u)

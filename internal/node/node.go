@@ -28,6 +28,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -594,6 +595,7 @@ func (m *Manager) unref(l *layer) {
 	delete(m.layers, l.digest)
 	m.mu.Unlock()
 	if l.server != nil {
+		m.addFetched(l.digest, l.server.Stats().BytesFetched)
 		if err := l.server.Unmount(); err != nil {
 			m.log.Warn("layer unmount", "layer", l.digest, "err", err)
 			overlay.Unmount(l.dir, true)
@@ -621,6 +623,7 @@ func (m *Manager) Close(ctx context.Context) {
 	m.mu.Unlock()
 	for _, l := range layers {
 		if l.server != nil {
+			m.addFetched(l.digest, l.server.Stats().BytesFetched)
 			l.server.Unmount()
 		}
 	}
@@ -672,4 +675,23 @@ func attemptTimeout(fetch time.Duration) time.Duration {
 		return 0
 	}
 	return max(fetch/3, time.Second)
+}
+
+// addFetched adds n to the bytes fetched for layer d by unmounted servers,
+// kept in the layer's directory so `strata df` reports them later.
+func (m *Manager) addFetched(d digest.Digest, n int64) {
+	if n == 0 {
+		return
+	}
+	total := m.fetchedBefore(d) + n
+	writeAtomic(filepath.Join(layerDir(m.root, d), "fetched"), []byte(strconv.FormatInt(total, 10)))
+}
+
+func (m *Manager) fetchedBefore(d digest.Digest) int64 {
+	b, err := os.ReadFile(filepath.Join(layerDir(m.root, d), "fetched"))
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	return n
 }

@@ -32,6 +32,8 @@ type extractor struct {
 	log      *slog.Logger
 	maxBytes int64
 	written  int64
+	maxNodes int // entries plus the parent directories made for them
+	nodes    int
 	chown    bool
 	dirs     map[string]dirMeta // explicit directories, applied by finish
 	buf      []byte
@@ -51,6 +53,7 @@ func newExtractor(dir string, opts Options) (*extractor, error) {
 		root:     fd,
 		log:      opts.Logger,
 		maxBytes: opts.MaxBytes,
+		maxNodes: opts.MaxEntries,
 		chown:    os.Geteuid() == 0,
 		dirs:     make(map[string]dirMeta),
 	}
@@ -120,6 +123,10 @@ func (x *extractor) mkdirAll(p string) (int, error) {
 		prefix := strings.Join(comps[:i+1], "/")
 		next, err := x.resolve(prefix, 0)
 		if err == unix.ENOENT {
+			if err := x.count(); err != nil {
+				unix.Close(cur)
+				return -1, err
+			}
 			if err := unix.Mkdirat(cur, c, 0o755); err != nil && err != unix.EEXIST {
 				unix.Close(cur)
 				return -1, fmt.Errorf("create parent %s: %w", prefix, err)
@@ -133,6 +140,16 @@ func (x *extractor) mkdirAll(p string) (int, error) {
 		cur = next
 	}
 	return cur, nil
+}
+
+// count charges one more file system node to the entry budget, which
+// also covers the parent directories a deep name makes.
+func (x *extractor) count() error {
+	x.nodes++
+	if x.nodes > x.maxNodes {
+		return fmt.Errorf("%w: more than %d entries and parent directories", ErrTooLarge, x.maxNodes)
+	}
+	return nil
 }
 
 func splitPath(p string) (dir, base string) {
@@ -165,6 +182,9 @@ func (x *extractor) entry(hdr *tar.Header, r io.Reader) error {
 		tar.TypeLink, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
 	default:
 		return fmt.Errorf("%w: unsupported entry type %q", ErrInvalid, hdr.Typeflag)
+	}
+	if err := x.count(); err != nil {
+		return err
 	}
 	name, err := cleanPath(hdr.Name)
 	if err != nil {

@@ -11,7 +11,10 @@ import (
 )
 
 // FuzzLayer unpacks arbitrary blobs. Oracles beyond "no crash": nothing
-// outside the layer directory changes, and the budgets hold.
+// outside the layer directory changes, and the budgets hold. Each run
+// costs milliseconds, so limit minimization:
+//
+//	go test -fuzz FuzzLayer -fuzzminimizetime 3s ./internal/unpack/
 func FuzzLayer(f *testing.F) {
 	seedEnv := env{base: "/fuzz/base", rel: "fuzz/base"}
 	for _, tc := range hostileCases() {

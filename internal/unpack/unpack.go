@@ -12,9 +12,11 @@
 //   - Symbolic links met while resolving a parent directory, or the source
 //     of a hardlink, are followed with the layer directory as their root
 //     (openat2 RESOLVE_IN_ROOT): "evil -> /etc" then "evil/passwd" writes
-//     DIR/etc/passwd, never /etc/passwd. The last component of an entry is
+//     dir/etc/passwd, never /etc/passwd. The last component of an entry is
 //     never followed: an entry replaces whatever is there.
-//   - Hardlinks must name a file the layer already holds.
+//   - Hardlinks must name a file the layer already holds; a hardlink to a
+//     symlink links the symlink itself.
+//   - Top-level aufs bookkeeping (".wh..wh.plnk" and the like) is skipped.
 //
 // The tree is written in overlayfs's own lower-layer format, not applied by
 // deleting: ".wh.NAME" becomes the whiteout NAME (a character device 0/0),
@@ -30,8 +32,11 @@
 // the content and takes the new metadata. Directory modes, owners and times
 // are applied in a final pass, so entries written later do not disturb them.
 //
-// Without root, ownership is not applied and device nodes other than
-// whiteouts cannot be created.
+// Without root, ownership is not applied, and device nodes other than
+// whiteouts, opaque directories and trusted.* attributes cannot be created.
+//
+// The root entry ("./") sets the mode, owner and times of dir itself, as
+// GNU tar does.
 package unpack
 
 import (
@@ -71,7 +76,9 @@ type Options struct {
 	// regular files' sizes (sparse files count at their full size).
 	// Zero means DefaultMaxBytes.
 	MaxBytes int64
-	// MaxEntries bounds the number of tar entries. Zero means DefaultMaxEntries.
+	// MaxEntries bounds the number of tar entries, and separately the
+	// entries plus the parent directories created for names whose
+	// directories the tar lacks. Zero means DefaultMaxEntries.
 	MaxEntries int
 	// Logger receives debug records for skipped entries and warnings for
 	// dropped overlay attributes. Nil discards.

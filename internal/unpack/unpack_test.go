@@ -516,6 +516,14 @@ func hostileCases() []hostileCase {
 			opts: unpack.Options{MaxEntries: 10},
 			err:  unpack.ErrTooLarge, msg: "layer exceeds budget: more than 10 entries",
 		},
+		{
+			name: "directory bomb",
+			blob: func(t testing.TB, e env) []byte {
+				return gzipOf(t, tarOf(t, file(strings.Repeat("d/", 2000)+"f", "")))
+			},
+			opts: unpack.Options{MaxEntries: 100},
+			err:  unpack.ErrTooLarge, msg: "layer exceeds budget: more than 100 entries and parent directories",
+		},
 	}
 }
 
