@@ -188,3 +188,35 @@ func TestRunManyLayers(t *testing.T) {
 		t.Fatalf("100-layer image: %q", out)
 	}
 }
+
+// TestRunTTY: -it gives the container a working terminal, with its output
+// passed through.
+func TestRunTTY(t *testing.T) {
+	requireRun(t)
+	testenv.RequireTool(t, "script")
+	busybox, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		testenv.Unavailable(t, "busybox-static is not installed")
+	}
+	tr, _ := ocilayout.Tar([]ocilayout.Entry{
+		{Name: "bin/", Type: tar.TypeDir},
+		{Name: "bin/busybox", Content: busybox, Mode: 0o755},
+		{Name: "bin/sh", Type: tar.TypeSymlink, Linkname: "busybox"},
+	})
+	layout := filepath.Join(t.TempDir(), "oci")
+	if _, err := ocilayout.Write(layout, "latest", ocilayout.Image{Layers: []ocilayout.Layer{ocilayout.GzipLayer(tr)}, Config: ocispec.ImageConfig{Cmd: []string{"/bin/sh"}}}); err != nil {
+		t.Fatal(err)
+	}
+	reg := startRegistry(t)
+	ref := reg.Addr + "/tty/busybox:latest"
+	pushLayout(t, layout, "latest", ref)
+	root := nodeRoot(t)
+	inner := strataBin + " --root " + root + " run --rm -it --plain-http " + ref +
+		` /bin/busybox sh -c "test -t 0 && test -t 1 && echo TTY-OK \$(/bin/busybox tty) \$TERM"`
+	cmd := exec.Command("script", "-qefc", inner, "/dev/null")
+	cmd.Stdin = strings.NewReader("")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "TTY-OK /dev/pts/") || !strings.Contains(string(out), "xterm") {
+		t.Fatalf("run -it under a terminal: %v\n%s", err, out)
+	}
+}

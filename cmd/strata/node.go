@@ -89,7 +89,11 @@ func newPullCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			img, err := c.Pull(cmd.Context(), args[0], plain)
+			var img *node.Image
+			err = withProgress(cmd.Context(), c, func() (err error) {
+				img, err = c.Pull(cmd.Context(), args[0], plain)
+				return err
+			})
 			if err != nil {
 				return err
 			}

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/strata-oci/strata/internal/container"
+	"github.com/strata-oci/strata/internal/node"
 )
 
 func (g *globalFlags) containers() container.Containers {
@@ -49,7 +50,11 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 			}
 			id := container.NewID()
 			start := time.Now()
-			lease, err := c.Acquire(ctx, leaseID(id), args[0], plain, "", 0)
+			var lease *node.Lease
+			err = withProgress(ctx, c, func() (err error) {
+				lease, err = c.Acquire(ctx, leaseID(id), args[0], plain, "", 0)
+				return err
+			})
 			if err != nil {
 				return err
 			}

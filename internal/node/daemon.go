@@ -114,6 +114,7 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 	handle("DELETE /v1/images", func(r *http.Request) (any, error) {
 		return struct{}{}, m.RemoveImage(r.Context(), r.URL.Query().Get("ref"))
 	})
+	handle("GET /v1/downloads", func(r *http.Request) (any, error) { return m.Downloads(), nil })
 	handle("GET /v1/df", func(r *http.Request) (any, error) { return m.DF(), nil })
 
 	srv := &http.Server{Handler: mux}
@@ -290,4 +291,10 @@ func (c *Client) RemoveImage(ctx context.Context, ref string) error {
 func (c *Client) DF(ctx context.Context) (*DFReport, error) {
 	var r DFReport
 	return &r, c.do(ctx, "GET", "/v1/df", nil, &r)
+}
+
+// Downloads reports fallback downloads in progress.
+func (c *Client) Downloads(ctx context.Context) ([]Download, error) {
+	var out []Download
+	return out, c.do(ctx, "GET", "/v1/downloads", nil, &out)
 }

@@ -61,8 +61,6 @@ type Options struct {
 	// FetchTimeout bounds a read that must fetch from the registry; past it
 	// the read fails with EIO (0: layerfs's default).
 	FetchTimeout time.Duration
-	// Progress, if set, receives fallback download progress.
-	Progress func(layer digest.Digest, done, total int64)
 }
 
 // Manager mounts layers and keeps track of who uses them.
@@ -78,6 +76,39 @@ type Manager struct {
 	info   map[string]bool // registry → offers layer mounts
 	layers map[digest.Digest]*layer
 	leases map[string]*Lease
+	// downloads in progress (fallback pulls), for progress bars
+	downloads map[digest.Digest]*Download
+}
+
+// Download is the progress of one fallback layer download.
+type Download struct {
+	Layer digest.Digest `json:"layer"`
+	Done  int64         `json:"done"`
+	Total int64         `json:"total"`
+}
+
+func (m *Manager) setProgress(d digest.Digest, done, total int64) {
+	m.mu.Lock()
+	m.downloads[d] = &Download{Layer: d, Done: done, Total: total}
+	m.mu.Unlock()
+}
+
+func (m *Manager) endProgress(d digest.Digest) {
+	m.mu.Lock()
+	delete(m.downloads, d)
+	m.mu.Unlock()
+}
+
+// Downloads returns the fallback downloads in progress.
+func (m *Manager) Downloads() []Download {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Download, 0, len(m.downloads))
+	for _, d := range m.downloads {
+		out = append(out, *d)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Layer < out[j].Layer })
+	return out
 }
 
 // layer is a mounted layer.
@@ -137,6 +168,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		opts: opts, root: opts.Root, log: log, cache: c,
 		plain: map[string]bool{}, info: map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
+		downloads: map[digest.Digest]*Download{},
 	}
 	m.client = opts.Remote(m.isPlain)
 	m.cleanStale()
@@ -346,10 +378,9 @@ func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l oci
 		return fmt.Errorf("download layer %s: %w", l.Digest, err)
 	}
 	defer rc.Close()
-	var progress func(int64)
-	if m.opts.Progress != nil {
-		progress = func(n int64) { m.opts.Progress(l.Digest, n, l.Size) }
-	}
+	m.setProgress(l.Digest, 0, l.Size)
+	defer m.endProgress(l.Digest)
+	progress := func(n int64) { m.setProgress(l.Digest, n, l.Size) }
 	st, err := unpack.Layer(ctx, rc, fs, unpack.Options{Logger: m.log, Progress: progress})
 	if err != nil {
 		os.RemoveAll(fs)
