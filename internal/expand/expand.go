@@ -32,6 +32,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	specs "github.com/opencontainers/image-spec/specs-go"
@@ -74,6 +75,9 @@ type Service struct {
 	inflight map[digest.Digest]bool
 	queue    chan digest.Digest
 	wg       sync.WaitGroup
+	// finished is closed and replaced whenever an expansion attempt ends,
+	// waking mount requests that wait for one.
+	finished chan struct{}
 }
 
 // job is a queued layer and who is waiting for it.
@@ -105,6 +109,7 @@ func New(st *store.Store, opts Options) (*Service, error) {
 		st: st, opts: opts, log: log, dir: dir,
 		inflight: map[digest.Digest]bool{},
 		queue:    make(chan digest.Digest, 1<<16),
+		finished: make(chan struct{}),
 	}, nil
 }
 
@@ -322,6 +327,30 @@ func (s *Service) Mount(ctx context.Context, repo string, d digest.Digest) (*api
 	return nil, ErrPending
 }
 
+// MountWait is Mount that, while the layer is being expanded, waits up to
+// wait for the expansion to finish before answering ErrPending, so a client
+// usually gets its answer in one round trip.
+func (s *Service) MountWait(ctx context.Context, repo string, d digest.Digest, wait time.Duration) (*api.MountDescriptor, error) {
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		finished := s.finished
+		s.mu.Unlock()
+		md, err := s.Mount(ctx, repo, d)
+		if !errors.Is(err, ErrPending) {
+			return md, err
+		}
+		select {
+		case <-finished:
+		case <-deadline.C:
+			return nil, ErrPending
+		case <-ctx.Done():
+			return nil, ErrPending
+		}
+	}
+}
+
 func (s *Service) worker(ctx context.Context) {
 	defer s.wg.Done()
 	for {
@@ -332,6 +361,8 @@ func (s *Service) worker(ctx context.Context) {
 			s.process(ctx, d)
 			s.mu.Lock()
 			delete(s.inflight, d)
+			close(s.finished)
+			s.finished = make(chan struct{})
 			s.mu.Unlock()
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -16,6 +17,10 @@ import (
 
 // RetryAfter is the Retry-After (seconds) of a 202 answer.
 const RetryAfter = 1
+
+// MountWait is how long a mount request waits for a running expansion
+// before it answers 202.
+const MountWait = 3 * time.Second
 
 // RepoFunc extracts the repository and the path after /_strata/ from a
 // request routed to the extension (the registry's RepoFromContext).
@@ -50,7 +55,7 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 			writeErr(w, http.StatusBadRequest, "DIGEST_INVALID", "invalid layer digest "+strconv.Quote(ds))
 			return
 		}
-		md, err := s.Mount(r.Context(), repo, d)
+		md, err := s.MountWait(r.Context(), repo, d, MountWait)
 		switch {
 		case err == nil:
 			b, _ := json.Marshal(md)
