@@ -39,6 +39,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/store"
 	"github.com/strata-oci/strata/layerindex"
 )
@@ -142,26 +143,6 @@ func (s *Service) path(kind string, d digest.Digest) string {
 	return filepath.Join(s.dir, kind, recordName(d))
 }
 
-// writeAtomic writes a small record through a temporary file and rename.
-func writeAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-")
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
-}
 
 // schedule hands layer d to the workers unless it is already in flight.
 func (s *Service) schedule(d digest.Digest) {
@@ -201,7 +182,7 @@ func (s *Service) enqueue(repo string, d digest.Digest, manifest string) error {
 		j.Manifests = append(j.Manifests, manifest)
 	}
 	b, _ := json.Marshal(j)
-	err := writeAtomic(qp, b)
+	err := atomicfile.Write(qp, b)
 	s.mu.Unlock()
 	if err != nil {
 		return err
@@ -387,7 +368,7 @@ func (s *Service) process(ctx context.Context, d digest.Digest) {
 		switch {
 		case err == nil:
 			b, _ := json.Marshal(md)
-			err = writeAtomic(s.path("done", d), b)
+			err = atomicfile.Write(s.path("done", d), b)
 			if err != nil {
 				outcome = "error"
 				s.log.Error("expand: recording result", "layer", d, "err", err)
@@ -395,7 +376,7 @@ func (s *Service) process(ctx context.Context, d digest.Digest) {
 		case errors.Is(err, layerindex.ErrInvalidLayer):
 			outcome = "invalid"
 			s.log.Warn("layer cannot be expanded", "layer", d, "reason", err)
-			writeAtomic(s.path("failed", d), []byte(err.Error()))
+			atomicfile.Write(s.path("failed", d), []byte(err.Error()))
 		default:
 			outcome = "error"
 			if ctx.Err() != nil {

@@ -36,6 +36,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/cache"
 	"github.com/strata-oci/strata/internal/layerfs"
 	"github.com/strata-oci/strata/internal/overlay"
@@ -285,7 +286,7 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 		rec.Mode, rec.Reason = ModeUnpacked, reason
 	}
 	b, _ := json.MarshalIndent(rec, "", "  ")
-	if err := writeAtomic(imagePath(m.root, rec.Ref), b); err != nil {
+	if err := atomicfile.Write(imagePath(m.root, rec.Ref), b); err != nil {
 		return nil, err
 	}
 	return rec, nil
@@ -356,10 +357,10 @@ func (m *Manager) fetchIndex(ctx context.Context, repo remote.Repository, l ocis
 		return err
 	}
 	meta, _ := json.Marshal(md)
-	if err := writeAtomic(filepath.Join(dir, "mount.json"), meta); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, "mount.json"), meta); err != nil {
 		return err
 	}
-	return writeAtomic(idxPath, b)
+	return atomicfile.Write(idxPath, b)
 }
 
 // unpackLayer downloads and unpacks a layer for the fallback path.
@@ -390,7 +391,7 @@ func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l oci
 		os.RemoveAll(fs)
 		return fmt.Errorf("layer %s: unpacked content is %s, the image config says %s", l.Digest, st.DiffID, diffID)
 	}
-	return writeAtomic(filepath.Join(dir, "unpacked"), []byte(st.DiffID.String()))
+	return atomicfile.Write(filepath.Join(dir, "unpacked"), []byte(st.DiffID.String()))
 }
 
 // Images lists pulled images.
@@ -493,7 +494,7 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 		lease.Union = union
 	}
 	b, _ := json.MarshalIndent(lease, "", "  ")
-	if err := writeAtomic(filepath.Join(m.root, "leases", leaseFile(id)), b); err != nil {
+	if err := atomicfile.Write(filepath.Join(m.root, "leases", leaseFile(id)), b); err != nil {
 		if union != "" {
 			overlay.Unmount(union, true)
 		}
@@ -671,28 +672,6 @@ func (s *blobSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
 	return s.client.ReadRange(ctx, s.repo, s.digest, off, n)
 }
 
-func writeAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-")
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-	}
-	return err
-}
 
 func dirDigest(name string) (digest.Digest, bool) {
 	alg, hex, ok := strings.Cut(name, "-")
@@ -715,7 +694,7 @@ func (m *Manager) addFetched(d digest.Digest, n int64) {
 		return
 	}
 	total := m.fetchedBefore(d) + n
-	writeAtomic(filepath.Join(layerDir(m.root, d), "fetched"), []byte(strconv.FormatInt(total, 10)))
+	atomicfile.Write(filepath.Join(layerDir(m.root, d), "fetched"), []byte(strconv.FormatInt(total, 10)))
 }
 
 func (m *Manager) fetchedBefore(d digest.Digest) int64 {
