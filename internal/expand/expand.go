@@ -143,7 +143,6 @@ func (s *Service) path(kind string, d digest.Digest) string {
 	return filepath.Join(s.dir, kind, recordName(d))
 }
 
-
 // schedule hands layer d to the workers unless it is already in flight.
 func (s *Service) schedule(d digest.Digest) {
 	s.mu.Lock()

@@ -672,7 +672,6 @@ func (s *blobSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
 	return s.client.ReadRange(ctx, s.repo, s.digest, off, n)
 }
 
-
 func dirDigest(name string) (digest.Digest, bool) {
 	alg, hex, ok := strings.Cut(name, "-")
 	d := digest.Digest(alg + ":" + hex)
