@@ -3,8 +3,6 @@ package layerindex
 import (
 	"archive/tar"
 	"bufio"
-	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -270,39 +268,13 @@ type builder struct {
 
 func (b *builder) run() (*Index, error) {
 	br := bufio.NewReaderSize(b.src, 64<<10)
-	magicBytes, _ := br.Peek(6)
-	var decomp io.Reader
-	var mediaType string
-	switch {
-	case bytes.HasPrefix(magicBytes, []byte{0x1f, 0x8b}):
-		b.format, mediaType = "gzip", mediaTypeTarGzip
-		zr, err := gzip.NewReader(br)
-		if err != nil {
-			return nil, b.fail(err, "", "reading the gzip header")
-		}
-		defer zr.Close()
-		decomp = zr
-	case bytes.HasPrefix(magicBytes, []byte{0x28, 0xb5, 0x2f, 0xfd}),
-		len(magicBytes) >= 4 && magicBytes[0]&0xf0 == 0x50 && bytes.Equal(magicBytes[1:4], []byte{0x2a, 0x4d, 0x18}):
-		b.format, mediaType = "zstd", mediaTypeTarZstd
-		zr, err := zstd.NewReader(br,
-			zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderMaxWindow(uint64(b.opts.MaxZstdWindow)),
-			zstd.WithDecoderMaxMemory(uint64(b.opts.MaxZstdWindow)),
-		)
-		if err != nil {
-			return nil, b.fail(err, "", "starting the zstd decoder")
-		}
-		defer zr.Close()
-		decomp = zr
-	case bytes.HasPrefix(magicBytes, []byte("BZh")):
-		return nil, &LayerError{Reason: "bzip2 compression is not supported"}
-	case bytes.HasPrefix(magicBytes, []byte{0xfd, '7', 'z', 'X', 'Z', 0}):
-		return nil, &LayerError{Reason: "xz compression is not supported"}
-	default:
-		b.format, mediaType = "tar", mediaTypeTar
-		decomp = br
+	format, decomp, err := Decompress(br, b.opts.MaxZstdWindow)
+	b.format = format
+	if err != nil {
+		return nil, b.fail(err, "", "reading the "+format+" header")
 	}
+	defer decomp.Close()
+	mediaType := map[string]string{FormatGzip: mediaTypeTarGzip, FormatZstd: mediaTypeTarZstd, FormatTar: mediaTypeTar}[format]
 	if b.opts.MediaType != "" {
 		mediaType = b.opts.MediaType
 	}

@@ -42,8 +42,6 @@ package unpack
 import (
 	"archive/tar"
 	"bufio"
-	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -52,8 +50,9 @@ import (
 	"io"
 	"log/slog"
 
-	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/layerindex"
 )
 
 // Budgets applied when Options leaves them zero.
@@ -115,11 +114,15 @@ func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Stats, e
 	var st Stats
 	src := &source{ctx: ctx, r: r, progress: opts.Progress}
 	br := bufio.NewReaderSize(src, 64<<10)
-	comp, dec, closeDec, err := decompress(br)
+	comp, dec, err := layerindex.Decompress(br, 0)
 	if err != nil {
+		var le *layerindex.LayerError
+		if errors.As(err, &le) {
+			return st, fmt.Errorf("%w: %s", ErrInvalid, le.Reason)
+		}
 		return st, src.classify(err, comp)
 	}
-	defer closeDec()
+	defer dec.Close()
 	s := &stream{r: dec, h: sha256.New(), max: opts.MaxBytes}
 
 	x, err := newExtractor(dir, opts)
@@ -175,42 +178,6 @@ func Layer(ctx context.Context, r io.Reader, dir string, opts Options) (Stats, e
 }
 
 const blockSize = 512
-
-var (
-	magicGzip  = []byte{0x1f, 0x8b}
-	magicZstd  = []byte{0x28, 0xb5, 0x2f, 0xfd}
-	magicXz    = []byte{0xfd, '7', 'z', 'X', 'Z', 0x00}
-	magicBzip2 = []byte("BZh")
-)
-
-// decompress detects the compression of br and returns a reader of the
-// uncompressed stream.
-func decompress(br *bufio.Reader) (name string, r io.Reader, closeFn func(), err error) {
-	magic, err := br.Peek(len(magicXz))
-	if err != nil && err != io.EOF {
-		return "tar", nil, nil, err
-	}
-	nop := func() {}
-	switch {
-	case bytes.HasPrefix(magic, magicGzip):
-		zr, err := gzip.NewReader(br)
-		if err != nil {
-			return "gzip", nil, nil, err
-		}
-		return "gzip", zr, nop, nil
-	case bytes.HasPrefix(magic, magicZstd):
-		zr, err := zstd.NewReader(br)
-		if err != nil {
-			return "zstd", nil, nil, err
-		}
-		return "zstd", zr, zr.Close, nil
-	case bytes.HasPrefix(magic, magicXz):
-		return "xz", nil, nil, fmt.Errorf("%w: xz compression is not supported", ErrInvalid)
-	case bytes.HasPrefix(magic, magicBzip2):
-		return "bzip2", nil, nil, fmt.Errorf("%w: bzip2 compression is not supported", ErrInvalid)
-	}
-	return "tar", br, nop, nil
-}
 
 // source reads the blob, reports progress, honours ctx and remembers a
 // failure of the underlying reader, so that it is not mistaken for a
