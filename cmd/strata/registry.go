@@ -17,6 +17,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{Use: "registry", Short: "Run the strata registry"}
 	var addr, root, cert, key string
 	var workers int
+	var htpasswd string
+	var anonPull bool
 	serve := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve an OCI registry with layer mounts from a directory (foreground)",
@@ -28,7 +30,12 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 				return err
 			}
 			metrics := registry.NewMetrics()
-			cfg := registry.ServeConfig{Store: st, Logger: log, Metrics: metrics, TLSCert: cert, TLSKey: key}
+			cfg := registry.ServeConfig{Store: st, Logger: log, Metrics: metrics, TLSCert: cert, TLSKey: key, AnonymousPull: anonPull}
+			if htpasswd != "" {
+				if cfg.Users, err = registry.LoadHtpasswd(htpasswd); err != nil {
+					return err
+				}
+			}
 			exp, err := expand.New(st, expand.Options{
 				Logger:  log,
 				Workers: workers,
@@ -56,6 +63,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	}
 	serve.Flags().StringVar(&addr, "addr", "127.0.0.1:5000", "listen address HOST:PORT")
 	serve.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
+	serve.Flags().StringVar(&htpasswd, "htpasswd", "", "require basic auth with the bcrypt accounts of this htpasswd file")
+	serve.Flags().BoolVar(&anonPull, "anonymous-pull", false, "with --htpasswd: let anyone pull, only accounts push and delete")
 	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
 	serve.Flags().StringVar(&cert, "tls-cert", "", "TLS certificate file (enables HTTPS)")
 	serve.Flags().StringVar(&key, "tls-key", "", "TLS key file")

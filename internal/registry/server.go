@@ -18,6 +18,11 @@ type ServeConfig struct {
 	Metrics *Metrics
 	// UploadTTL is how long an idle upload session lives (default 24h).
 	UploadTTL time.Duration
+	// Users, if set, are the accounts allowed to use the registry; without
+	// them, anyone may push and pull.
+	Users Users
+	// AnonymousPull lets requests without credentials read when Users is set.
+	AnonymousPull bool
 	// TLSCert and TLSKey switch on HTTPS.
 	TLSCert, TLSKey string
 }
@@ -30,6 +35,9 @@ func Handler(reg *Registry, cfg ServeConfig) http.Handler {
 	}
 	mux := http.NewServeMux()
 	var h http.Handler = reg
+	if cfg.Users != nil {
+		h = RequireAuth(h, cfg.Users, cfg.AnonymousPull)
+	}
 	if cfg.Metrics != nil {
 		h = cfg.Metrics.Wrap(h)
 		mux.Handle("/metrics", cfg.Metrics.Handler())
