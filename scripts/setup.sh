@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what strata's demo and tests need on a fresh Debian machine:
-# Debian packages (runc, skopeo, fuse3, umoci, busybox-static, …) and the Go
+# Debian packages (runc, skopeo, fuse3, umoci, busybox-static, containerd, …) and the Go
 # modules. Idempotent; run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
 
-pkgs=(runc skopeo fuse3 umoci busybox-static debootstrap curl ca-certificates tar)
+pkgs=(runc skopeo fuse3 umoci busybox-static debootstrap curl ca-certificates tar containerd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -43,7 +43,7 @@ func newRootCmd() *cobra.Command {
 	cmd.PersistentFlags().DurationVar(&g.fetchTimeout, "fetch-timeout", 30*time.Second, "bound on a read that waits for the registry; then the read fails with EIO")
 	cmd.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	cmd.AddCommand(newRegistryCmd(g), newDaemonCmd(g), newPullCmd(g), newMountCmd(g), newUmountCmd(g),
-		newDFCmd(g), newImagesCmd(g), newRmiCmd(g), newRunCmd(g), newPsCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g))
+		newDFCmd(g), newImagesCmd(g), newRmiCmd(g), newRunCmd(g), newPsCmd(g), newLogsCmd(g), newStopCmd(g), newRmCmd(g), newSnapshotterCmd(g))
 	return cmd
 }
 

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/strata-oci/strata/internal/node"
+	"github.com/strata-oci/strata/internal/remote"
+	"github.com/strata-oci/strata/internal/snapshotter"
+)
+
+func newSnapshotterCmd(g *globalFlags) *cobra.Command {
+	var address, hostsDir string
+	cmd := &cobra.Command{
+		Use:   "snapshotter --address SOCKET",
+		Short: "Serve containerd's snapshots API (proxy plugin) with layers as lazy layer mounts",
+		Long: `Serve containerd's snapshots API on a unix socket, for containerd's
+proxy_plugins. Layer snapshots containerd prepares with the CRI labels are
+mounted from the registry's expansion instead of downloaded; everything else
+is an ordinary overlay snapshot. State lives in ROOT/snapshotter.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			size, err := parseSize(g.cacheSize)
+			if err != nil {
+				return err
+			}
+			log := g.logger()
+			ctx := cmd.Context()
+			dir := filepath.Join(g.root, "snapshotter")
+			hosts := snapshotter.Hosts{Dir: hostsDir}
+			m, err := node.Open(ctx, node.Options{
+				Root: filepath.Join(dir, "node"), CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout,
+				Remote: func(plain func(string) bool) *remote.Client {
+					return remote.New(remote.Options{
+						PlainHTTP:   func(r string) bool { return plain(r) || hosts.PlainHTTP(r) },
+						Credentials: remote.DockerCredentials(log), Logger: log,
+					})
+				},
+			})
+			if err != nil {
+				return err
+			}
+			defer m.Close(ctx)
+			sn, err := snapshotter.Open(ctx, snapshotter.Options{Root: dir, Layers: m, PlainHTTP: hosts.PlainHTTP, Logger: log})
+			if err != nil {
+				return err
+			}
+			defer sn.Close()
+			log.Info("snapshotter listening", "address", address, "root", dir)
+			return snapshotter.Serve(ctx, sn, address)
+		},
+	}
+	cmd.Flags().StringVar(&address, "address", "/run/strata/snapshotter.sock", "unix socket containerd connects to")
+	cmd.Flags().StringVar(&hostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's registry host configuration (hosts.toml) directory")
+	return cmd
+}
