@@ -102,9 +102,11 @@ type Cache struct {
 	mu    sync.Mutex
 	items map[key]*item
 	lru   *list.List // of *item; front is the most recently used
-	bytes [numKinds]int64
-	count [numKinds]int
-	pins  int // items with pins > 0
+	// lastStamp is the modification time given to the newest item.
+	lastStamp time.Time
+	bytes     [numKinds]int64
+	count     [numKinds]int
+	pins      int // items with pins > 0
 
 	hits, misses, evictions, corrupt atomic.Int64
 }
@@ -189,12 +191,15 @@ func Open(dir string, opts Options) (*Cache, error) {
 			return nil, fmt.Errorf("open cache %s: scan: %w", dir, err)
 		}
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
+	sort.SliceStable(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
 	for _, f := range all {
 		c.insert(f.it)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if len(all) > 0 {
+		c.lastStamp = all[len(all)-1].mtime
+	}
 	if c.max > 0 {
 		if err := c.makeRoom(0); err != nil {
 			return nil, fmt.Errorf("open cache %s: %w", dir, err)
@@ -464,6 +469,14 @@ func (c *Cache) put(ctx context.Context, k key, size int64, r io.Reader) error {
 	if err := c.makeRoom(size); err != nil {
 		return err
 	}
+	// Strictly increasing modification times keep the recency order of
+	// items written within one clock tick when Open rebuilds it.
+	stamp := time.Now()
+	if !stamp.After(c.lastStamp) {
+		stamp = c.lastStamp.Add(time.Microsecond)
+	}
+	c.lastStamp = stamp
+	os.Chtimes(tmp.Name(), stamp, stamp)
 	if err := os.Rename(tmp.Name(), p); err != nil {
 		return err
 	}
