@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
 
-pkgs=(runc skopeo fuse3 umoci busybox-static debootstrap curl ca-certificates tar containerd)
+pkgs=(runc skopeo fuse3 umoci busybox-static debootstrap curl ca-certificates tar containerd strace iproute2 e2fsprogs util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
