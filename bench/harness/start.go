@@ -1,0 +1,338 @@
+package harness
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/strata-oci/strata/bench/report"
+)
+
+// sampleTimeout bounds one measured start, however slow the link.
+const sampleTimeout = 5 * time.Minute
+
+// measure runs one sample: prepare, then the timed commands, with the
+// node disk and the link watched.
+type measured struct {
+	e       *env
+	start   time.Time
+	disk0   int64
+	link0   int64
+	veth0   int64
+	conns0  int64
+	req0    map[string]int64
+	peak    int64
+	stopped chan struct{}
+	done    chan struct{}
+}
+
+func (e *env) begin(ctx context.Context) *measured {
+	m := &measured{e: e, disk0: e.diskUsed(), link0: e.linkBytes(), veth0: e.vethBytes(ctx), conns0: e.linkConns(),
+		req0: e.registryRequests(ctx), stopped: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(m.done)
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if u := e.diskUsed() - m.disk0; u > m.peak {
+				m.peak = u
+			}
+			select {
+			case <-m.stopped:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	m.start = time.Now()
+	return m
+}
+
+// end stops watching and fills the byte counts of s.
+func (m *measured) end(ctx context.Context, s *report.Sample) {
+	close(m.stopped)
+	<-m.done
+	if u := m.e.diskUsed() - m.disk0; u > m.peak {
+		m.peak = u
+	}
+	s.PeakDiskBytes = m.peak
+	s.LinkBytes = m.e.linkBytes() - m.link0
+	s.VethBytes = m.e.vethBytes(ctx) - m.veth0
+	s.Conns = m.e.linkConns() - m.conns0
+	if req := m.e.registryRequests(ctx); req != nil && m.req0 != nil {
+		for route, n := range req {
+			if route != "metrics" { // the harness's own scrapes
+				s.Requests += n - m.req0[route]
+			}
+		}
+		s.BlobRequests = req["blob"] - m.req0["blob"]
+	}
+}
+
+// firstLine runs cmd and returns when its first line of output arrived
+// (measured from start) and when it exited. The line must be want.
+func firstLine(start time.Time, cmd *exec.Cmd, want string) (first, total time.Duration, err error) {
+	_, first, total, err = firstLineStderr(start, cmd, want)
+	return first, total, err
+}
+
+// firstLineStderr is firstLine that also returns what cmd wrote to stderr.
+func firstLineStderr(start time.Time, cmd *exec.Cmd, want string) (stderrText string, first, total time.Duration, err error) {
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	defer func() { stderrText = stderr.String() }()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", 0, 0, err
+	}
+	if err := cmd.Start(); err != nil {
+		return "", 0, 0, err
+	}
+	br := bufio.NewReader(out)
+	line, rerr := br.ReadString('\n')
+	first = time.Since(start)
+	io.Copy(io.Discard, br)
+	werr := cmd.Wait()
+	total = time.Since(start)
+	describe := func(err error) error {
+		return fmt.Errorf("%s: %w\n%s", strings.Join(cmd.Args, " "), err, tailString(stderr.String(), 2000))
+	}
+	switch {
+	case werr != nil:
+		return "", 0, 0, describe(werr)
+	case rerr != nil:
+		return "", 0, 0, describe(fmt.Errorf("no output: %w", rerr))
+	case strings.TrimSpace(line) != want:
+		return "", 0, 0, describe(fmt.Errorf("first line %q, want %q", line, want))
+	}
+	return "", first, total, nil
+}
+
+// readyRE finds strata run's report of when the container's root was ready.
+var readyRE = regexp.MustCompile(`\) ready in ([0-9.]+[a-zµ]+)`)
+
+// strataCmd is a strata command on node root.
+func (e *env) strataCmd(ctx context.Context, root string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, e.strata, append([]string{"--root", root}, args...)...)
+}
+
+// strataRun measures `strata run --rm` of im from registry addr on root.
+func (e *env) strataRun(ctx context.Context, root, addr string, im *image) report.Sample {
+	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
+	defer cancel()
+	var s report.Sample
+	m := e.begin(ctx)
+	args := append([]string{"run", "--rm", "--plain-http", addr + "/" + im.repo() + ":latest"}, im.Args...)
+	stderr, first, total, err := firstLineStderr(m.start, e.strataCmd(ctx, root, args...), im.Want)
+	m.end(ctx, &s)
+	s.FirstLine, s.Total = first, total
+	if mm := readyRE.FindStringSubmatch(stderr); mm != nil {
+		s.Ready, _ = time.ParseDuration(mm[1])
+	}
+	if err != nil {
+		s.Error = err.Error()
+		if b, rerr := os.ReadFile(filepath.Join(root, "daemon.log")); rerr == nil {
+			s.Error += "\nnode daemon log:\n" + tailString(string(b), 1500)
+		}
+	}
+	return s
+}
+
+// strataLazy measures a cold start on a fresh node root, then a warm one
+// on the same root, then removes the node.
+func (e *env) strataLazy(ctx context.Context, im *image, id string) (cold, warm report.Sample) {
+	root := filepath.Join(e.disk, "strata-"+id)
+	defer e.removeNode(root)
+	cold = e.strataRun(ctx, root, e.strataProxy.Addr(), im)
+	if cold.Error != "" {
+		warm.Error = "cold start failed"
+		return cold, warm
+	}
+	warm = e.strataRun(ctx, root, e.strataProxy.Addr(), im)
+	return cold, warm
+}
+
+// strataFallback measures a full pull from the CNCF registry on a fresh
+// node root.
+func (e *env) strataFallback(ctx context.Context, im *image, id string) report.Sample {
+	root := filepath.Join(e.disk, "fallback-"+id)
+	defer e.removeNode(root)
+	return e.strataRun(ctx, root, e.distProxy.Addr(), im)
+}
+
+// removeNode stops the node daemon of root and removes everything of it.
+func (e *env) removeNode(root string) {
+	if b, err := os.ReadFile(filepath.Join(root, "daemon.pid")); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			syscall.Kill(pid, syscall.SIGINT)
+			waitGone(pid, 15*time.Second)
+		}
+	}
+	umountBelow(root)
+	if err := os.RemoveAll(root); err != nil {
+		e.logf("removing %s: %v", root, err)
+	}
+}
+
+// waitGone waits until process pid has exited (or is a zombie), killing it
+// after d.
+func waitGone(pid int, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return
+		}
+		if _, rest, ok := strings.Cut(string(b), ") "); ok && strings.HasPrefix(rest, "Z") {
+			return
+		}
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			deadline = time.Now().Add(5 * time.Second)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// containerd is one containerd daemon with its own root, state and socket.
+type containerd struct {
+	dir, root, state, sock string
+	cmd                    *exec.Cmd
+	log                    *os.File
+}
+
+// startContainerd starts a fresh containerd (empty content store and
+// snapshots) whose root is on the node disk.
+func (e *env) startContainerd(ctx context.Context, id string) (*containerd, error) {
+	c := &containerd{
+		dir:  filepath.Join(e.work, "containerd-"+id),
+		root: filepath.Join(e.disk, "containerd-"+id),
+		sock: filepath.Join(e.work, "ctrd-"+id+".sock"),
+	}
+	c.state = filepath.Join(c.dir, "state")
+	for _, d := range []string{c.dir, c.root, c.state} {
+		if err := os.MkdirAll(d, 0o711); err != nil {
+			return nil, err
+		}
+	}
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = %q
+
+[ttrpc]
+  address = %q
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %q
+`, c.root, c.state, c.sock, c.sock+".ttrpc", filepath.Join(c.dir, "opt"))
+	cfgFile := filepath.Join(c.dir, "config.toml")
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	var err error
+	if c.log, err = os.Create(filepath.Join(c.dir, "containerd.log")); err != nil {
+		return nil, err
+	}
+	c.cmd = exec.Command("containerd", "--config", cfgFile)
+	c.cmd.Stdout, c.cmd.Stderr = c.log, c.log
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := c.cmd.Start(); err != nil {
+		c.log.Close()
+		return nil, fmt.Errorf("containerd: %w", err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if err := exec.CommandContext(ctx, "ctr", "-a", c.sock, "version").Run(); err == nil {
+			return c, nil
+		}
+		if time.Now().After(deadline) {
+			e.stopContainerd(c, "")
+			b, _ := os.ReadFile(c.log.Name())
+			return nil, fmt.Errorf("containerd did not start:\n%s", tailString(string(b), 2000))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stopContainerd stops c and everything it started, even after a failed
+// or interrupted run: the task and container of id, containerd, and any
+// shim left behind (shims outlive containerd by design).
+func (e *env) stopContainerd(c *containerd, id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ctr := func(args ...string) {
+		exec.CommandContext(ctx, "ctr", append([]string{"-a", c.sock}, args...)...).Run()
+	}
+	if id != "" {
+		ctr("tasks", "kill", "-s", "SIGKILL", id)
+		ctr("tasks", "delete", "-f", id)
+		ctr("containers", "delete", id)
+	}
+	stop(c.cmd, 15*time.Second)
+	killMatching(c.sock)
+	c.log.Close()
+	umountBelow(c.root)
+	umountBelow(c.state)
+	os.RemoveAll(c.root)
+	os.RemoveAll(c.dir)
+}
+
+// containerdRun measures containerd's normal path: `ctr image pull`, then
+// `ctr run --rm`, from a fresh content store.
+func (e *env) containerdRun(ctx context.Context, im *image, id string) (s report.Sample) {
+	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
+	defer cancel()
+	c, err := e.startContainerd(ctx, id)
+	if err != nil {
+		s.Error = err.Error()
+		return s
+	}
+	name := fmt.Sprintf("bench-%d-%s", os.Getpid(), id)
+	started := ""
+	defer func() { e.stopContainerd(c, started) }()
+	ref := e.distProxy.Addr() + "/" + im.repo() + ":latest"
+	m := e.begin(ctx)
+	defer func() { m.end(ctx, &s) }()
+	pull := exec.CommandContext(ctx, "ctr", "-a", c.sock, "images", "pull", "--plain-http", ref)
+	if out, err := pull.CombinedOutput(); err != nil {
+		s.Error = fmt.Sprintf("ctr images pull: %v\n%s", err, tailString(string(out), 2000))
+		return s
+	}
+	started = name
+	args := append([]string{"-a", c.sock, "run", "--rm", ref, name}, im.Args...)
+	first, total, err := firstLine(m.start, exec.CommandContext(ctx, "ctr", args...), im.Want)
+	s.FirstLine, s.Total = first, total
+	if err != nil {
+		s.Error = err.Error()
+	}
+	return s
+}
+
+// killMatching kills every process whose command line contains s.
+func killMatching(s string) {
+	ents, _ := os.ReadDir("/proc")
+	for _, ent := range ents {
+		pid, err := strconv.Atoi(ent.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + ent.Name() + "/cmdline")
+		if err == nil && strings.Contains(string(b), s) {
+			syscall.Kill(pid, syscall.SIGKILL)
+			waitGone(pid, 5*time.Second)
+		}
+	}
+}

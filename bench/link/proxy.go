@@ -1,0 +1,233 @@
+package link
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Proxy is a TCP proxy on a loopback port of the host that forwards every
+// connection to an upstream address, adding latency: each chunk of bytes
+// is held for half the round-trip time in each direction, measured from
+// when it arrived (so a full pipe keeps its throughput: the proxy is a
+// delay line, not a stop-and-wait), and the first bytes from the client
+// wait one extra round trip, the TCP handshake a real link would cost.
+// It counts the bytes of each direction.
+type Proxy struct {
+	ln       net.Listener
+	upstream string
+	dial     func(ctx context.Context, addr string) (net.Conn, error)
+	rtt      atomic.Int64 // nanoseconds
+
+	toUpstream, toClient atomic.Int64
+	conns                atomic.Int64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	open   map[net.Conn]struct{}
+}
+
+// NewProxy listens on 127.0.0.1 (a free port) and forwards to upstream,
+// dialled from inside the network namespace at nsPath ("" for the
+// harness's own).
+func NewProxy(upstream, nsPath string) (*Proxy, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Proxy{ln: ln, upstream: upstream, ctx: ctx, cancel: cancel, open: map[net.Conn]struct{}{}}
+	p.dial = func(ctx context.Context, addr string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", addr)
+	}
+	if nsPath != "" {
+		p.dial = func(ctx context.Context, addr string) (net.Conn, error) { return DialIn(ctx, nsPath, addr) }
+	}
+	p.wg.Add(1)
+	go p.serve()
+	return p, nil
+}
+
+// Addr is the proxy's HOST:PORT on loopback.
+func (p *Proxy) Addr() string { return p.ln.Addr().String() }
+
+// SetRTT sets the round-trip time added from now on.
+func (p *Proxy) SetRTT(d time.Duration) { p.rtt.Store(int64(d)) }
+
+// Bytes returns the bytes forwarded to the upstream and to the clients so
+// far, and the number of connections accepted.
+func (p *Proxy) Bytes() (toUpstream, toClient, conns int64) {
+	return p.toUpstream.Load(), p.toClient.Load(), p.conns.Load()
+}
+
+// Close stops listening and cuts every open connection.
+func (p *Proxy) Close() error {
+	err := p.ln.Close()
+	p.cancel()
+	p.mu.Lock()
+	for c := range p.open {
+		c.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+	return err
+}
+
+func (p *Proxy) serve() {
+	defer p.wg.Done()
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.conns.Add(1)
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.handle(c, time.Now())
+		}()
+	}
+}
+
+func (p *Proxy) track(c net.Conn, add bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if add {
+		p.open[c] = struct{}{}
+	} else {
+		delete(p.open, c)
+	}
+}
+
+func (p *Proxy) handle(client net.Conn, accepted time.Time) {
+	ctx, cancel := context.WithTimeout(p.ctx, 30*time.Second)
+	up, err := p.dial(ctx, p.upstream)
+	cancel()
+	if err != nil {
+		client.Close()
+		return
+	}
+	p.track(client, true)
+	p.track(up, true)
+	defer func() {
+		client.Close()
+		up.Close()
+		p.track(client, false)
+		p.track(up, false)
+	}()
+	rtt := time.Duration(p.rtt.Load())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); p.pipe(up, client, rtt/2, accepted.Add(rtt), &p.toUpstream) }()
+	go func() { defer wg.Done(); p.pipe(client, up, rtt/2, time.Time{}, &p.toClient) }()
+	wg.Wait()
+}
+
+type chunk struct {
+	b  []byte
+	at time.Time
+}
+
+// pipe copies src to dst, delivering each chunk delay after it arrived
+// (and not before notBefore + delay), then half-closes dst.
+func (p *Proxy) pipe(dst, src net.Conn, delay time.Duration, notBefore time.Time, count *atomic.Int64) {
+	q := make(chan chunk, 4096)
+	go func() {
+		defer close(q)
+		for {
+			buf := make([]byte, 64<<10)
+			n, err := src.Read(buf)
+			if n > 0 {
+				at := time.Now()
+				if at.Before(notBefore) {
+					at = notBefore
+				}
+				q <- chunk{buf[:n], at}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	failed := false
+	for c := range q {
+		if failed {
+			continue // drain so the reader can finish
+		}
+		if d := time.Until(c.at.Add(delay)); d > 0 {
+			time.Sleep(d)
+		}
+		n, err := dst.Write(c.b)
+		count.Add(int64(n))
+		if err != nil {
+			failed = true
+			src.Close()
+		}
+	}
+	if tc, ok := dst.(interface{ CloseWrite() error }); ok && !failed {
+		tc.CloseWrite()
+	} else {
+		dst.Close()
+	}
+}
+
+// DialIn dials addr with a socket made inside the network namespace at
+// nsPath: the dialling goroutine's thread enters the namespace for the
+// socket(2) call and leaves it again; the socket stays in the namespace.
+func DialIn(ctx context.Context, nsPath, addr string) (net.Conn, error) {
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		// The thread is not unlocked if leaving the namespace fails: the
+		// runtime then ends the thread with the goroutine.
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		target, err := os.Open(nsPath)
+		if err != nil {
+			ch <- result{err: err}
+			runtime.UnlockOSThread()
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("enter %s: %w", nsPath, err)}
+			runtime.UnlockOSThread()
+			return
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err2 := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err2 != nil {
+			if c != nil {
+				c.Close()
+			}
+			ch <- result{err: errors.Join(err, fmt.Errorf("leave %s: %w", nsPath, err2))}
+			return
+		}
+		runtime.UnlockOSThread()
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.c, r.err
+}
+
+var _ io.Closer = (*Proxy)(nil)

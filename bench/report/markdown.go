@@ -1,0 +1,178 @@
+package report
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Systems, in the order tables show them. Baseline is the one ratios are
+// taken against.
+const (
+	Containerd     = "containerd"
+	StrataFallback = "strata-fallback"
+	StrataCold     = "strata-lazy-cold"
+	StrataWarm     = "strata-lazy-warm"
+	Baseline       = Containerd
+)
+
+// SystemOrder lists the start-time systems in table order.
+var SystemOrder = []string{Containerd, StrataFallback, StrataCold, StrataWarm}
+
+// Describe says what each system measures.
+var Describe = map[string]string{
+	Containerd:     "containerd 1.6 (Debian): `ctr image pull` + `ctr run --rm`, fresh content store and snapshots",
+	StrataFallback: "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
+	StrataCold:     "strata lazy start: fresh node root and cache (daemon started by the command), image pushed and expanded",
+	StrataWarm:     "strata lazy start again on the same node: layers cached, new container",
+}
+
+// Markdown renders the report as tables; charts are image files in the
+// same folder.
+func (r *Report) Markdown(charts []string) string {
+	var b strings.Builder
+	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
+	w("# strata benchmark, %s\n\n", r.Started.Format("2006-01-02 15:04 MST"))
+	w("`%s` on %d CPUs, kernel %s", r.Command, r.Host.CPUs, r.Host.Kernel)
+	if r.Host.Commit != "" {
+		w(", commit %s", r.Host.Commit)
+	}
+	w("; %d runs of every system on every image and profile", r.Runs)
+	if r.MinRuns < r.Runs {
+		w(" (%d when its runs there took over %s)", r.MinRuns, r.Budget)
+	}
+	w("; took %s.\n\n", r.Duration.Round(1e9))
+
+	w("## Images\n\n| image | layers | compressed (gzip) | unpacked (tar) | strata expansion: index + data | workload |\n|---|---|---|---|---|---|\n")
+	for _, im := range r.Images {
+		wl := "`" + shellJoin(im.Workload) + "`"
+		if im.WorkloadLabel != "" {
+			wl = im.WorkloadLabel
+		}
+		w("| %s | %d | %s | %s | %s + %s | %s |\n", im.Name, im.Layers, MB(im.CompressedBytes), MB(im.UnpackedBytes),
+			MB(im.ExpandedIndexBytes), MB(im.ExpandedDataBytes), wl)
+	}
+	w("\n## Systems\n\n")
+	for _, s := range SystemOrder {
+		for _, st := range r.Start {
+			if st.System == s {
+				w("- **%s**: %s\n", s, Describe[s])
+				break
+			}
+		}
+	}
+	w("- **physical limit**: the file bytes the workload reads at start (measured on a local copy, page-granular, readahead off), gzip-compressed, at link speed, plus %d round trips (connect, manifest, config, data), plus starting the workload with runc from a local unpacked copy\n", limitRTTs)
+
+	for _, im := range r.Images {
+		w("\n## Start time: %s\n\n", im.Name)
+		w("Time from the command to the workload's first output line; median (min–max) over the runs.\n\n")
+		w("| profile | system | first line | min–max | speed-up vs containerd | ÷ physical limit | over the link | of image | requests (conns) | peak node disk | runs (failed) |\n")
+		w("|---|---|---|---|---|---|---|---|---|---|---|\n")
+		for _, p := range r.Profiles {
+			base := r.Find(im.Name, p.Name, Baseline)
+			lim := r.FindLimit(im.Name, p.Name)
+			for _, sys := range SystemOrder {
+				st := r.Find(im.Name, p.Name, sys)
+				if st == nil {
+					continue
+				}
+				if st.FirstLine.N == 0 {
+					w("| %s | %s | failed | | | | | | | | %d (%d) |\n", p.Label, sys, len(st.Samples), st.Failures)
+					continue
+				}
+				vs, vl := "", ""
+				if base != nil && base.FirstLine.N > 0 {
+					vs = fmt.Sprintf("%.1fx", base.FirstLine.Median/st.FirstLine.Median)
+				}
+				switch {
+				case sys == StrataWarm && lim != nil && lim.LocalSeconds > 0:
+					// A warm start needs no network: its floor is the local start.
+					vl = fmt.Sprintf("%.1f of local start", st.FirstLine.Median/lim.LocalSeconds)
+				case lim != nil && lim.Seconds > 0:
+					vl = fmt.Sprintf("%.1f", st.FirstLine.Median/lim.Seconds)
+				}
+				rq := fmt.Sprintf("(%.0f)", st.Conns.Median)
+				if st.Requests.Median > 0 {
+					rq = fmt.Sprintf("%.0f (%.0f)", st.Requests.Median, st.Conns.Median)
+				}
+				w("| %s | %s | **%s** | %s–%s | %s | %s | %s | %.1f%% | %s | %s | %d (%d) |\n",
+					p.Label, sys, Secs(st.FirstLine.Median), Secs(st.FirstLine.Min), Secs(st.FirstLine.Max),
+					vs, vl, MB(int64(st.LinkBytes.Median)), 100*st.FetchedFraction, rq, MB(int64(st.PeakDisk.Median)), len(st.Samples), st.Failures)
+			}
+			if lim != nil {
+				w("| %s | physical limit | %s | | | | %s | | | | |\n", p.Label, Secs(lim.Seconds), MB(lim.CompressedBytes))
+			}
+		}
+	}
+
+	if len(r.Limits) > 0 {
+		w("\n## Physical limit, measured\n\n| image | profile | read at start | compressed | files opened | round trips | local start (runc) | limit |\n|---|---|---|---|---|---|---|---|\n")
+		for _, l := range r.Limits {
+			w("| %s | %s | %s | %s | %d | %d | %s | %s |\n", l.Image, l.Profile, MB(l.ReadBytes), MB(l.CompressedBytes), l.FilesOpened, l.RoundTrips, Secs(l.LocalSeconds), Secs(l.Seconds))
+		}
+	}
+
+	if len(r.Reads) > 0 {
+		w("\n## Read throughput\n\nThe same files read through a `strata mount` and from a local overlayfs over an unpacked copy on the same disk; the page cache is dropped before every pass, so warm reads measure the cached files (FUSE passthrough), not the page cache. Median (min–max) MB/s.\n\n")
+		w("| pattern | system | MB/s | min–max | ÷ local | bytes per pass | node daemon CPU per pass |\n|---|---|---|---|---|---|---|\n")
+		for _, rd := range r.Reads {
+			cpu := ""
+			if rd.System != "local overlayfs" {
+				cpu = fmt.Sprintf("%.2f s", rd.DaemonCPU)
+			}
+			w("| %s | %s | **%.0f** | %.0f–%.0f | %.2f | %s | %s |\n", rd.Pattern, rd.System, rd.MBps.Median, rd.MBps.Min, rd.MBps.Max, rd.Ratio, MB(rd.Bytes), cpu)
+		}
+	}
+
+	if len(charts) > 0 {
+		w("\n## Charts\n\n")
+		for _, c := range charts {
+			w("![%s](%s)\n\n", c, c)
+		}
+	}
+	if len(r.Notes) > 0 {
+		w("\n## Notes\n\n")
+		for _, n := range r.Notes {
+			w("- %s\n", n)
+		}
+	}
+	return b.String()
+}
+
+// limitRTTs is the number of round trips the physical limit counts: TCP
+// connect, manifest, config, then the data.
+const limitRTTs = 4
+
+// LimitRTTs is exported for the harness.
+const LimitRTTs = limitRTTs
+
+// MB formats a byte count in decimal megabytes.
+func MB(n int64) string {
+	switch {
+	case n >= 10e6:
+		return fmt.Sprintf("%.0f MB", float64(n)/1e6)
+	case n >= 1e6:
+		return fmt.Sprintf("%.1f MB", float64(n)/1e6)
+	default:
+		return fmt.Sprintf("%.0f kB", float64(n)/1e3)
+	}
+}
+
+// Secs formats seconds.
+func Secs(s float64) string {
+	if s < 1 {
+		return fmt.Sprintf("%.0f ms", s*1000)
+	}
+	return fmt.Sprintf("%.2f s", s)
+}
+
+// shellJoin quotes args the way a shell user would type them.
+func shellJoin(args []string) string {
+	var q []string
+	for _, a := range args {
+		if strings.ContainsAny(a, " \t\"'()$`\\;&|<>*?") {
+			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+		q = append(q, a)
+	}
+	return strings.Join(q, " ")
+}
