@@ -42,12 +42,12 @@ func TestMarkdown(t *testing.T) {
 		r.Start = append(r.Start, st)
 	}
 	add(report.Containerd, report.Sample{FirstLine: 10 * time.Second, LinkBytes: 100e6}, report.Sample{FirstLine: 12 * time.Second, LinkBytes: 100e6})
-	add(report.StrataCold, report.Sample{FirstLine: time.Second, LinkBytes: 10e6, Requests: 20, Conns: 1}, report.Sample{Error: "boom"})
+	add(report.StrataCold, report.Sample{FirstLine: time.Second, Ready: 300 * time.Millisecond, LinkBytes: 10e6, Requests: 20, Conns: 1}, report.Sample{Error: "boom"})
 	add(report.StrataWarm, report.Sample{FirstLine: 200 * time.Millisecond})
 	md := r.Markdown(nil)
 	for _, want := range []string{
-		"| p (test) | containerd | **11.00 s** | 10.00 s–12.00 s | 1.0x | 22.0 | 100 MB | 100.0% | (0) |",
-		"| p (test) | strata-lazy-cold | **1.00 s** | 1.00 s–1.00 s | 11.0x | 2.0 | 10 MB | 10.0% | 20 (1) |",
+		"| p (test) | containerd | **11.00 s** | 10.00 s–12.00 s |  | 1.0x | 22.0 | 100 MB | 100.0% | (0) |",
+		"| p (test) | strata-lazy-cold | **1.00 s** | 1.00 s–1.00 s | 300 ms | 11.0x | 2.0 | 10 MB | 10.0% | 20 (1) |",
 		"| 2 (1) |",
 		"2.0 of local start",
 		"`echo 'hi there'`",

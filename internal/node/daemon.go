@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -64,6 +65,9 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 	defer cancel()
 
 	activity := make(chan struct{}, 1)
+	// inflight counts requests being served: a long pull holds no lease
+	// yet, and must not let the daemon exit as idle under it.
+	var inflight atomic.Int64
 	mux := http.NewServeMux()
 	handle := func(pattern string, fn func(r *http.Request) (any, error)) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
@@ -71,6 +75,8 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 			case activity <- struct{}{}:
 			default:
 			}
+			inflight.Add(1)
+			defer inflight.Add(-1)
 			v, err := fn(r)
 			w.Header().Set("Content-Type", "application/json")
 			if err != nil {
@@ -136,7 +142,7 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 			continue
 		case <-tick.C:
 			m.ReapDead(ctx)
-			if len(m.Leases()) > 0 {
+			if len(m.Leases()) > 0 || inflight.Load() > 0 {
 				idleSince = time.Now()
 			}
 			if opts.IdleTimeout <= 0 || time.Since(idleSince) < opts.IdleTimeout {
