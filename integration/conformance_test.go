@@ -21,9 +21,6 @@ const conformanceVersion = "github.com/opencontainers/distribution-spec/conforma
 // `strata registry serve` with every API and data option of v1.1 enabled
 // and requires zero failures and zero skips.
 func TestConformance(t *testing.T) {
-	if testing.Short() {
-		t.Skip("conformance suite is not short")
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	bin := t.TempDir()
