@@ -53,10 +53,10 @@ const (
 const (
 	// FrameSize is the uncompressed size at which the builder always cuts a
 	// frame, even in the middle of a file.
-	FrameSize = 1 << 20
+	FrameSize = 128 << 10
 	// FrameMinCut is the uncompressed size from which the builder cuts a
 	// frame at the end of a file.
-	FrameMinCut = 512 << 10
+	FrameMinCut = 64 << 10
 	// MaxFrameSize is the largest uncompressed frame the format allows;
 	// Decode refuses indexes with larger frames.
 	MaxFrameSize = 4 << 20

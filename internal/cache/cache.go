@@ -587,6 +587,18 @@ func (c *Cache) Contains(d digest.Digest) bool {
 	return c.items[k] != nil
 }
 
+// ContainsFrame reports whether the cache holds the frame with digest d,
+// without verifying or marking it used.
+func (c *Cache) ContainsFrame(d digest.Digest) bool {
+	k, err := keyOf(kindFrame, d)
+	if err != nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.items[k] != nil
+}
+
 // Stats describe the content and use of a cache.
 type Stats struct {
 	MaxBytes   int64 // the bound; zero when there is none

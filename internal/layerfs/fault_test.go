@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -33,6 +32,7 @@ func faultLayer(t *testing.T) (files map[string][]byte, ents []ent) {
 
 // fastFail bounds fetches tightly, for tests of failing sources.
 var fastFail = layerfs.Options{
+	MissWindow:     -1, // a fault hits the frames read, not their neighbours
 	FetchTimeout:   2 * time.Second,
 	AttemptTimeout: 300 * time.Millisecond,
 	Attempts:       3,
@@ -124,9 +124,11 @@ func TestTransientErrors(t *testing.T) {
 	files, ents := faultLayer(t)
 	ix, data := build(t, tarOf(t, ents...))
 	src := &memSource{data: data}
-	var calls atomic.Int64
+	// The first request for every range fails (concurrent readahead
+	// requests interleave, so this is per range, not every other call).
+	var failed sync.Map
 	src.setFault(func(ctx context.Context, off, n int64, b []byte) error {
-		if calls.Add(1)%2 == 1 {
+		if _, again := failed.LoadOrStore([2]int64{off, n}, true); !again {
 			return errors.New("connection reset")
 		}
 		return nil

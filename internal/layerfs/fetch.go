@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -34,6 +35,20 @@ type fetcher struct {
 	mem      memLRU
 	inflight map[int]*flight
 	failed   map[int]failure
+	rec      *recording // nil: not recording
+
+	// base is the context of every flight; close cancels it and waits for
+	// the flights (fills) to end.
+	base   context.Context
+	cancel context.CancelFunc
+	fills  sync.WaitGroup
+	closed bool
+}
+
+// A recording lists the frames read, in the order first read.
+type recording struct {
+	seen  map[int]bool
+	order []int
 }
 
 // failMemory is how long the failure of a frame's flight is the answer for
@@ -54,7 +69,10 @@ type flight struct {
 }
 
 func newFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts *Options, st *counters) *fetcher {
+	base, cancel := context.WithCancel(context.Background())
 	return &fetcher{
+		base:     base,
+		cancel:   cancel,
 		ix:       ix,
 		src:      src,
 		cache:    c,
@@ -75,6 +93,10 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 	flights := make([]*flight, len(out))
 	var mine []int
 	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil, errClosed
+	}
 	for k := first; k <= last; k++ {
 		if fail, ok := f.failed[k]; ok {
 			if time.Since(fail.at) < failMemory {
@@ -82,6 +104,14 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 				return nil, fail.err
 			}
 			delete(f.failed, k)
+		}
+	}
+	if r := f.rec; r != nil {
+		for k := first; k <= last; k++ {
+			if !r.seen[k] {
+				r.seen[k] = true
+				r.order = append(r.order, k)
+			}
 		}
 	}
 	for k := first; k <= last; k++ {
@@ -98,9 +128,12 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 		}
 		flights[k-first] = fl
 	}
+	if len(mine) > 0 {
+		mine = f.widen(mine)
+	}
 	f.mu.Unlock()
 	if len(mine) > 0 {
-		go f.fill(mine)
+		f.startFill(mine)
 	}
 	for i, fl := range flights {
 		if fl == nil {
@@ -117,6 +150,180 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 		out[i] = fl.data
 	}
 	return out, nil
+}
+
+// widen adds to the frames ks, which start new flights, the frames of the
+// same miss windows (Options.MissWindow) that are not in memory, in flight
+// or just failed, and starts flights for those too. f.mu is held.
+func (f *fetcher) widen(ks []int) []int {
+	w := f.opts.MissWindow
+	if w <= 0 || !slices.ContainsFunc(ks, func(k int) bool { return !f.cached(k) }) {
+		return ks // reads of cached frames are not widened
+	}
+	fs := f.ix.Frames
+	lo := fs[ks[0]].UOffset / w * w
+	hi := (fs[ks[len(ks)-1]].UOffset/w + 1) * w
+	first, last := f.ix.FramesFor(lo, hi-lo)
+	if first > last {
+		return ks
+	}
+	out := make([]int, 0, last-first+1)
+	for k := first; k <= last; k++ {
+		if k >= ks[0] && k <= ks[len(ks)-1] {
+			if slices.Contains(ks, k) {
+				out = append(out, k)
+			}
+			continue
+		}
+		if fs[k].UOffset < lo || f.mem.has(k) || f.inflight[k] != nil || f.cached(k) {
+			continue
+		}
+		if fail, ok := f.failed[k]; ok && time.Since(fail.at) < failMemory {
+			continue
+		}
+		f.inflight[k] = &flight{done: make(chan struct{})}
+		out = append(out, k)
+	}
+	return out
+}
+
+// local reports whether frames first to last are all in memory, in the
+// cache or in flight.
+func (f *fetcher) local(first, last int) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for k := first; k <= last; k++ {
+		if !f.mem.has(k) && f.inflight[k] == nil && !f.cached(k) {
+			return false
+		}
+	}
+	return true
+}
+
+func (f *fetcher) cached(k int) bool {
+	return f.cache != nil && f.cache.ContainsFrame(f.ix.Frames[k].Digest)
+}
+
+// prefetchList starts flights for the frames ks, given in the order they
+// are wanted (first wanted first; repeats and frames out of range are
+// ignored), that are not in memory, in the cache, in flight or just
+// failed, and does not wait for them. Wanted frames separated by a gap of
+// at most Options.PrefetchGap compressed bytes of missing frames are
+// fetched together with the gap (a request costs a round trip, which on a
+// slow link is worth more bytes than that); the runs, cut into requests of
+// at most prefetchPiece bytes, go out over Options.PrefetchStreams
+// concurrent requests, those holding the first-wanted frames first.
+func (f *fetcher) prefetchList(ks []int) {
+	rank := make(map[int]int, len(ks))
+	var want []int
+	f.mu.Lock()
+	missing := func(k int) bool {
+		if f.mem.has(k) || f.inflight[k] != nil || f.cached(k) {
+			return false
+		}
+		fail, ok := f.failed[k]
+		return !ok || time.Since(fail.at) >= failMemory
+	}
+	for _, k := range ks {
+		if _, seen := rank[k]; seen || k < 0 || k >= len(f.ix.Frames) {
+			continue
+		}
+		rank[k] = len(rank)
+		if missing(k) {
+			want = append(want, k)
+		}
+	}
+	slices.Sort(want)
+	var mine []int
+	for i, k := range want {
+		if i > 0 {
+			prev := want[i-1]
+			var gap int64
+			ok := k-prev > 1
+			for g := prev + 1; g < k && ok; g++ {
+				gap += f.ix.Frames[g].CSize
+				ok = gap <= f.opts.PrefetchGap && missing(g)
+			}
+			if ok {
+				for g := prev + 1; g < k; g++ {
+					rank[g] = rank[k]
+					mine = append(mine, g)
+				}
+			}
+		}
+		mine = append(mine, k)
+	}
+	for _, k := range mine {
+		f.inflight[k] = &flight{done: make(chan struct{})}
+	}
+	closed := f.closed
+	if !closed {
+		f.fills.Add(1)
+	}
+	f.mu.Unlock()
+	if len(mine) == 0 {
+		if !closed {
+			f.fills.Done()
+		}
+		return
+	}
+	if closed {
+		for _, k := range mine {
+			f.finish(k, nil, errClosed)
+		}
+		return
+	}
+	pieces := runs(f.ix.Frames, mine, prefetchPiece)
+	first := func(run []int) int {
+		r := len(rank)
+		for _, k := range run {
+			r = min(r, rank[k])
+		}
+		return r
+	}
+	slices.SortStableFunc(pieces, func(a, b []int) int { return first(a) - first(b) })
+	queue := make(chan []int, len(pieces))
+	for _, p := range pieces {
+		queue <- p
+	}
+	close(queue)
+	workers := min(f.opts.PrefetchStreams, len(pieces))
+	var wg sync.WaitGroup
+	wg.Add(workers)
+	for range workers {
+		go func() {
+			defer wg.Done()
+			for p := range queue {
+				f.fill(p)
+			}
+		}()
+	}
+	go func() { wg.Wait(); f.fills.Done() }()
+}
+
+// prefetchPiece bounds the compressed bytes of one prefetch request, so a
+// long run is spread over the concurrent requests.
+const prefetchPiece = 1 << 20
+
+// startRecording starts listing the frames read; stopRecording ends it and
+// returns them in the order first read.
+func (f *fetcher) startRecording() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.rec == nil {
+		f.rec = &recording{seen: make(map[int]bool)}
+	}
+}
+
+func (f *fetcher) stopRecording() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.rec == nil {
+		return nil
+	}
+	out := f.rec.order
+	f.rec = nil
+	return out
 }
 
 // prefetch starts flights for the frames first to last that are not in
@@ -137,13 +344,43 @@ func (f *fetcher) prefetch(first, last int) {
 	}
 	f.mu.Unlock()
 	if len(mine) > 0 {
-		go f.fill(mine)
+		f.startFill(mine)
 	}
+}
+
+var errClosed = errors.New("layer file system closed")
+
+// startFill runs fill(ks) in the background, or fails the flights of ks at
+// once when the fetcher is closed.
+func (f *fetcher) startFill(ks []int) {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		for _, k := range ks {
+			f.finish(k, nil, errClosed)
+		}
+		return
+	}
+	f.fills.Add(1)
+	f.mu.Unlock()
+	go func() {
+		defer f.fills.Done()
+		f.fill(ks)
+	}()
+}
+
+// close cancels the flights and waits for them to end; later reads fail.
+func (f *fetcher) close() {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	f.cancel()
+	f.fills.Wait()
 }
 
 // fill completes the flights of frames ks, in increasing order.
 func (f *fetcher) fill(ks []int) {
-	ctx, cancel := context.WithTimeout(context.Background(), f.opts.FetchTimeout)
+	ctx, cancel := context.WithTimeout(f.base, f.opts.FetchTimeout)
 	defer cancel()
 
 	var need []int

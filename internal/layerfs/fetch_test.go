@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -84,7 +85,12 @@ func sixFrames(t *testing.T) (*layerindex.Index, []byte, []byte) {
 	return ix, data.Bytes(), content
 }
 
+// newTestFetcher makes a fetcher; unless opts asks for one, without a miss
+// window, so tests see exactly the frames they read fetched.
 func newTestFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*fetcher, *counters) {
+	if opts.MissWindow == 0 {
+		opts.MissWindow = -1
+	}
 	opts = opts.withDefaults()
 	st := &counters{}
 	return newFetcher(ix, src, c, &opts, st), st
@@ -230,4 +236,198 @@ func TestFetcherFailureRemembered(t *testing.T) {
 		t.Fatalf("after the failure expired: %v", err)
 	}
 	checkFrames(t, ix, content, 0, got)
+}
+
+// manyFrames is a layer of one incompressible file of n frames.
+func manyFrames(t *testing.T, n int) (*layerindex.Index, []byte, []byte) {
+	t.Helper()
+	content := make([]byte, n*layerindex.FrameSize)
+	r := rand.New(rand.NewPCG(3, 4))
+	for i := range content {
+		content[i] = byte(r.Uint32())
+	}
+	var tb bytes.Buffer
+	tw := tar.NewWriter(&tb)
+	tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "f", Size: int64(len(content)), Mode: 0o644})
+	tw.Write(content)
+	tw.Close()
+	var data bytes.Buffer
+	ix, err := layerindex.Build(context.Background(), &tb, &data, layerindex.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ix, data.Bytes(), content
+}
+
+// waitIdle waits until f has no flight left.
+func waitIdle(t *testing.T, f *fetcher) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		f.mu.Lock()
+		n := len(f.inflight)
+		f.mu.Unlock()
+		if n == 0 {
+			return
+		}
+	}
+	t.Fatal("flights did not end")
+}
+
+func TestFetcherMissWindow(t *testing.T) {
+	ix, data, content := manyFrames(t, 24) // 3 MiB: three windows of 8 frames
+	window := int64(8 * layerindex.FrameSize)
+	c, err := cache.Open(t.TempDir(), cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := &countingSource{data: data}
+	f, st := newTestFetcher(ix, src, c, Options{MissWindow: window})
+	defer f.close()
+	got, err := f.frames(context.Background(), 10, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, ix, content, 10, got)
+	waitIdle(t, f)
+	// The window of frame 10 is frames 8-15, fetched with one request.
+	if n := src.requests.Load(); n != 1 || st.fetchedFrames.Load() != 8 {
+		t.Errorf("%d requests, %d frames; want 1 request of the window's 8 frames", n, st.fetchedFrames.Load())
+	}
+	for k := 8; k < 16; k++ {
+		if !f.cached(k) {
+			t.Errorf("frame %d of the window not cached", k)
+		}
+	}
+	// Frames of the window are now reads without requests.
+	if _, err := f.frames(context.Background(), 15, 15); err != nil || src.requests.Load() != 1 {
+		t.Errorf("frame 15: %v, %d requests", err, src.requests.Load())
+	}
+	// A read spanning two windows widens to both.
+	if _, err := f.frames(context.Background(), 23, 23); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, f)
+	if st.fetchedFrames.Load() != 16 {
+		t.Errorf("%d frames fetched, want 16", st.fetchedFrames.Load())
+	}
+
+	// A read of cached frames is not widened: a second fetcher on the
+	// same cache (a restarted node) reads frame 9 from the cache alone.
+	f2, st2 := newTestFetcher(ix, src, c, Options{MissWindow: window})
+	defer f2.close()
+	if _, err := f2.frames(context.Background(), 9, 9); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, f2)
+	if st2.cacheHits.Load() != 1 || st2.fetchedFrames.Load() != 0 {
+		t.Errorf("cached read: %d cache hits, %d fetched; want 1, 0", st2.cacheHits.Load(), st2.fetchedFrames.Load())
+	}
+}
+
+func TestFetcherPrefetchListAndRecording(t *testing.T) {
+	ix, data, content := manyFrames(t, 40)
+	src := &countingSource{data: data, delay: 20 * time.Millisecond}
+	f, st := newTestFetcher(ix, src, nil, Options{PrefetchStreams: 3})
+	defer f.close()
+
+	f.startRecording()
+	for _, k := range []int{7, 3, 7, 30} {
+		if _, err := f.frames(context.Background(), k, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.prefetch(31, 32) // prefetches are not reads
+	if got, want := f.stopRecording(), []int{7, 3, 30}; !slices.Equal(got, want) {
+		t.Errorf("recorded %v, want %v (first-read order)", got, want)
+	}
+	if f.stopRecording() != nil {
+		t.Error("a stopped recording returns frames again")
+	}
+	waitIdle(t, f)
+
+	// A list: adjacent frames in one request, split over the streams at
+	// run boundaries; frames in memory are skipped; out of range ignored.
+	before := src.requests.Load()
+	list := []int{10, 11, 12, 13, 20, 21, 22, 23, 25, 26, 7, -1, 99}
+	slices.Sort(list)
+	start := time.Now()
+	f.prefetchList(list)
+	got, err := f.frames(context.Background(), 10, 26)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, ix, content, 10, got)
+	if d := time.Since(start); d > 5*src.delay {
+		t.Errorf("prefetch and read took %v: streams not concurrent?", d)
+	}
+	waitIdle(t, f)
+	// Runs 10-13, 20-23, 25-26 by the prefetch (7 is in memory); the read
+	// of 10-26 adds 14-19 and 24.
+	if n := src.requests.Load() - before; n != 5 {
+		t.Errorf("%d requests, want 5", n)
+	}
+	if n := st.fetchedFrames.Load(); n != 3+2+10+7 { // reads, readahead, list, read
+		t.Errorf("%d frames fetched in all", n)
+	}
+}
+
+func TestFetcherClose(t *testing.T) {
+	ix, data, _ := manyFrames(t, 4)
+	src := &countingSource{data: data, delay: time.Hour}
+	f, _ := newTestFetcher(ix, src, nil, Options{})
+	f.prefetchList([]int{0, 1, 2, 3})
+	done := make(chan struct{})
+	go func() { f.close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("close did not cancel a hanging fetch")
+	}
+	if _, err := f.frames(context.Background(), 0, 0); !errors.Is(err, errClosed) {
+		t.Errorf("read after close: %v", err)
+	}
+}
+
+func TestFetcherPrefetchGapsAndOrder(t *testing.T) {
+	ix, data, content := manyFrames(t, 40)
+	fsz := ix.Frames[0].CSize
+	src := &orderSource{countingSource: countingSource{data: data}}
+	f, st := newTestFetcher(ix, src, nil, Options{PrefetchStreams: 1, PrefetchGap: 2 * fsz})
+	defer f.close()
+	// 30-31 are wanted first; 1-2 and 5-6 join across the 2-frame gap 3-4;
+	// 10 and 20 stay apart (gaps too wide).
+	f.prefetchList([]int{30, 31, 20, 1, 2, 5, 6, 10})
+	got, err := f.frames(context.Background(), 1, 6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, ix, content, 1, got)
+	waitIdle(t, f)
+	if n := st.fetchedFrames.Load(); n != 10 {
+		t.Errorf("%d frames fetched, want 10 (8 wanted, 2 of the gap)", n)
+	}
+	want := []int64{ix.Frames[30].COffset, ix.Frames[20].COffset, ix.Frames[1].COffset, ix.Frames[10].COffset}
+	if got := src.offsets(); !slices.Equal(got, want) {
+		t.Errorf("requests at %v, want %v (first wanted first, one per run)", got, want)
+	}
+}
+
+// orderSource records the offsets of requests in order.
+type orderSource struct {
+	countingSource
+	mu   sync.Mutex
+	offs []int64
+}
+
+func (s *orderSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
+	s.mu.Lock()
+	s.offs = append(s.offs, off)
+	s.mu.Unlock()
+	return s.countingSource.ReadAt(ctx, off, n)
+}
+
+func (s *orderSource) offsets() []int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.offs)
 }

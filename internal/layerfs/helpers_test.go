@@ -216,7 +216,10 @@ func mount(t testing.TB, ix *layerindex.Index, src layerfs.Source, c *cache.Cach
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unmount(t, srv.Unmount, dir) })
+	t.Cleanup(func() {
+		unmount(t, srv.Unmount, dir)
+		f.Close() // background fetches end before the cache's directory goes
+	})
 	return f, dir
 }
 

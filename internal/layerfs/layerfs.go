@@ -64,9 +64,24 @@ type Options struct {
 	// Attempts is the number of requests made for a range before giving
 	// up. Default 3.
 	Attempts int
-	// Readahead is the number of frames of a file prefetched after a
-	// sequential read. Default 2; negative for none.
-	Readahead int
+	// Readahead is the number of uncompressed bytes of a file prefetched
+	// after a sequential read (whole frames). Default 2 MiB; negative for
+	// none.
+	Readahead int64
+	// MissWindow widens a read of frames that are not on the node: the
+	// fetch takes every frame that starts in the same MissWindow-aligned
+	// window of the uncompressed stream. Files next to each other in the
+	// layer tend to be read together (a directory of modules, a library
+	// and its neighbours), so one round trip brings what the next reads
+	// need. Default 1 MiB; negative: only the frames read.
+	MissWindow int64
+	// PrefetchStreams is the number of requests Prefetch keeps in flight.
+	// Default 6.
+	PrefetchStreams int
+	// PrefetchGap is the most compressed bytes of unwanted frames Prefetch
+	// fetches to join two runs of wanted frames into one request. Default
+	// 128 KiB; negative for none.
+	PrefetchGap int64
 	// MaxFetchBytes bounds the length of one coalesced request (a single
 	// frame is always requested whole). Default 8 MiB.
 	MaxFetchBytes int64
@@ -107,7 +122,16 @@ func (o Options) withDefaults() Options {
 		o.Attempts = 3
 	}
 	if o.Readahead == 0 {
-		o.Readahead = 2
+		o.Readahead = 2 << 20
+	}
+	if o.MissWindow == 0 {
+		o.MissWindow = 1 << 20
+	}
+	if o.PrefetchStreams <= 0 {
+		o.PrefetchStreams = 6
+	}
+	if o.PrefetchGap == 0 {
+		o.PrefetchGap = 128 << 10
 	}
 	if o.MaxFetchBytes <= 0 {
 		o.MaxFetchBytes = 8 << 20
@@ -164,6 +188,7 @@ type Server struct {
 	fs     *FS
 	dir    string
 	server *fuse.Server
+	ownFS  bool // made by Mount: Unmount closes the FS
 }
 
 // Mount is New followed by FS.Mount.
@@ -172,8 +197,18 @@ func Mount(ctx context.Context, dir string, ix *layerindex.Index, src Source, c 
 	if err != nil {
 		return nil, err
 	}
-	return f.Mount(ctx, dir)
+	s, err := f.Mount(ctx, dir)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	s.ownFS = true
+	return s, nil
 }
+
+// Close stops the FS's fetches in the background (prefetches, readahead)
+// and waits for them to end. Reads after Close fail.
+func (f *FS) Close() { f.fetch.close() }
 
 // Mount mounts the file system on dir, read-only, and returns once the
 // kernel has it. Unmount it with Server.Unmount.
@@ -241,6 +276,9 @@ func (s *Server) Stats() Stats { return s.fs.Stats() }
 func (s *Server) Unmount() error {
 	if err := s.server.Unmount(); err != nil {
 		return fmt.Errorf("unmount %s: %w", s.dir, err)
+	}
+	if s.ownFS {
+		s.fs.Close()
 	}
 	return nil
 }
@@ -329,6 +367,23 @@ func (f *FS) Stats() Stats {
 		ServedBytes:      s.servedBytes.Load(),
 	}
 }
+
+// Prefetch starts fetching the frames ks of the data blob (indexes into
+// the index's frame table, first wanted first; others are ignored) that
+// are neither in memory nor in the cache, with Options.PrefetchStreams
+// concurrent requests, and returns at once. Reads of those frames wait for these fetches instead of
+// making their own.
+func (f *FS) Prefetch(ks []int) {
+	f.fetch.prefetchList(ks)
+}
+
+// StartRecording starts listing the frames that reads need (from the
+// source, the cache or memory alike); StopRecording ends the recording and
+// returns them in the order first needed. Prefetches are not reads.
+func (f *FS) StartRecording() { f.fetch.startRecording() }
+
+// StopRecording: see StartRecording.
+func (f *FS) StopRecording() []int { return f.fetch.stopRecording() }
 
 // Index returns the index the FS presents.
 func (f *FS) Index() *layerindex.Index { return f.ix }

@@ -239,7 +239,7 @@ func (n *node) openCached(ctx context.Context, e *layerindex.Entry) *cache.File 
 		return nil
 	}
 	cf, err := f.cache.OpenFile(ctx, e.Digest)
-	if errors.Is(err, cache.ErrNotFound) && e.Size <= f.opts.MaterializeMax {
+	if errors.Is(err, cache.ErrNotFound) && e.Size <= f.opts.MaterializeMax && f.cheapToMaterialize(e) {
 		if err = f.materialize(ctx, e); err == nil {
 			cf, err = f.cache.OpenFile(ctx, e.Digest)
 		}
@@ -256,6 +256,25 @@ func (n *node) openCached(ctx context.Context, e *layerindex.Entry) *cache.File 
 	}
 	return cf
 }
+
+// cheapToMaterialize reports whether putting e whole into the cache costs
+// no more from the source than reading it probably does: a small file (a
+// read of it fetches its frames anyway), or one whose frames are all on the
+// node or on their way (a prefetch). A larger file that is not is served
+// from its frames this time: a process that maps a library and touches a
+// tenth of it must not wait for the rest, and a start-up profile records
+// only what was read.
+func (f *FS) cheapToMaterialize(e *layerindex.Entry) bool {
+	if e.Size <= materializeAlways {
+		return true
+	}
+	first, last := f.ix.FramesFor(e.Offset, e.Size)
+	return f.fetch.local(first, last)
+}
+
+// materializeAlways is the size up to which a file is put whole into the
+// cache on open even when that fetches it.
+const materializeAlways = 64 << 10
 
 // materialize puts the whole content of e into the cache, verified.
 func (f *FS) materialize(ctx context.Context, e *layerindex.Entry) error {
@@ -335,7 +354,11 @@ func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 		_, last := f.ix.FramesFor(e.Offset+off, int64(len(b)))
 		_, fileLast := f.ix.FramesFor(e.Offset, e.Size)
 		if last < fileLast {
-			f.fetch.prefetch(last+1, min(last+f.opts.Readahead, fileLast))
+			until, _ := f.ix.FramesFor(f.ix.Frames[last].UOffset+f.ix.Frames[last].USize+f.opts.Readahead-1, 1)
+			if until < 0 || until > fileLast {
+				until = fileLast
+			}
+			f.fetch.prefetch(last+1, until)
 		}
 	}
 	return fuse.ReadResultData(b), 0
