@@ -9,6 +9,9 @@
 //	                                                        202 + Retry-After while the layer expands
 //	                                                        404 BLOB_UNKNOWN: the layer is not in <name>
 //	                                                        422 EXPANSION_FAILED: the layer cannot be expanded
+//	GET  /v2/<name>/_strata/profiles/<manifest-digest>    → 200 Profile; 404 PROFILE_UNKNOWN
+//	PUT  /v2/<name>/_strata/profiles/<manifest-digest>    → 201: stores the image's start-up profile
+//	                                                        (authorized as a push to <name>)
 //
 // The index and data blobs named by a MountDescriptor are read, with Range,
 // through the ordinary GET /v2/<name>/blobs/<digest>.
@@ -50,11 +53,44 @@ type MountDescriptor struct {
 	Data ocispec.Descriptor `json:"data"`
 }
 
+// ProfilePath returns the path of the start-up profile of the image whose
+// manifest is m in repo.
+func ProfilePath(repo string, m digest.Digest) string {
+	return "/v2/" + repo + "/_" + Extension + "/profiles/" + m.String()
+}
+
+// MaxProfileBytes bounds the JSON body of a profile.
+const MaxProfileBytes = 4 << 20
+
+// A Profile is what the containers of one image read while they start: for
+// each layer, the frames of its expanded data blob, in the order first
+// read. A node that starts the image prefetches them, all at once, as soon
+// as the layers are mounted. The first node to start an image records one
+// and stores it with PUT; it applies to that image in that repository.
+type Profile struct {
+	// Version is the format version of the indexes whose frames are listed.
+	Version int            `json:"version"`
+	Layers  []ProfileLayer `json:"layers"`
+}
+
+// ProfileLayer lists the frames read from one layer.
+type ProfileLayer struct {
+	// Layer is the layer blob's digest, Data its expansion's data blob.
+	Layer digest.Digest `json:"layer"`
+	Data  digest.Digest `json:"data"`
+	// Frames are indexes into the index's frame table.
+	Frames []int `json:"frames"`
+}
+
 // Error codes the extension adds to the distribution spec's table.
 const (
 	// CodeExpansionFailed: the layer cannot be expanded; the message names
 	// the reason. The layer stays pullable the ordinary way.
 	CodeExpansionFailed = "EXPANSION_FAILED"
+	// CodeProfileUnknown: no start-up profile is stored for the image.
+	CodeProfileUnknown = "PROFILE_UNKNOWN"
+	// CodeProfileInvalid: a profile was refused; the message names why.
+	CodeProfileInvalid = "PROFILE_INVALID"
 )
 
 // Annotation keys on the expansion artifact (the referrer of an image

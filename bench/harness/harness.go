@@ -126,6 +126,11 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 		if err != nil {
 			return nil, err
 		}
+		if cfg.wants(report.StrataProfiled) {
+			if im.profileErr = e.recordProfile(ctx, im); im.profileErr != nil {
+				e.logf("  %s: recording its start-up profile failed: %v", im.Name, im.profileErr)
+			}
+		}
 		images = append(images, im)
 		rep.Images = append(rep.Images, report.Image{Name: im.Name, Description: im.Description, Layers: len(im.layers),
 			CompressedBytes: im.compressed, UnpackedBytes: im.unpacked, Workload: im.Args, WorkloadLabel: im.Label,
@@ -187,6 +192,9 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 				}
 				if need(report.StrataFallback, i) {
 					timed(report.StrataFallback, func() { add(report.StrataFallback, e.strataFallback(ctx, im, id), i) })
+				}
+				if need(report.StrataProfiled, i) {
+					timed(report.StrataProfiled, func() { add(report.StrataProfiled, e.strataProfiled(ctx, im, id), i) })
 				}
 				if need(report.StrataCold, i) || need(report.StrataWarm, i) {
 					var cold, warm report.Sample

@@ -31,6 +31,8 @@ type image struct {
 	layers     []digest.Digest
 	compressed int64
 	unpacked   int64
+	// profileErr is why recording the image's start-up profile failed.
+	profileErr error
 }
 
 // repo is the image's repository in both registries.

@@ -3,8 +3,11 @@ package harness
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +17,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/bench/report"
 )
 
@@ -126,12 +133,13 @@ func (e *env) strataCmd(ctx context.Context, root string, args ...string) *exec.
 }
 
 // strataRun measures `strata run --rm` of im from registry addr on root.
-func (e *env) strataRun(ctx context.Context, root, addr string, im *image) report.Sample {
+// flags go before the command (global flags).
+func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags ...string) report.Sample {
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
 	var s report.Sample
 	m := e.begin(ctx)
-	args := append([]string{"run", "--rm", "--plain-http", addr + "/" + im.repo() + ":latest"}, im.Args...)
+	args := append(append(flags, "run", "--rm", "--plain-http", addr+"/"+im.repo()+":latest"), im.Args...)
 	stderr, first, total, err := firstLineStderr(m.start, e.strataCmd(ctx, root, args...), im.Want)
 	m.end(ctx, &s)
 	s.FirstLine, s.Total = first, total
@@ -147,18 +155,84 @@ func (e *env) strataRun(ctx context.Context, root, addr string, im *image) repor
 	return s
 }
 
-// strataLazy measures a cold start on a fresh node root, then a warm one
-// on the same root, then removes the node.
+// strataLazy measures a cold start without a start-up profile on a fresh
+// node root, then a warm one on the same root, then removes the node.
 func (e *env) strataLazy(ctx context.Context, im *image, id string) (cold, warm report.Sample) {
 	root := filepath.Join(e.disk, "strata-"+id)
 	defer e.removeNode(root)
-	cold = e.strataRun(ctx, root, e.strataProxy.Addr(), im)
+	cold = e.strataRun(ctx, root, e.strataProxy.Addr(), im, "--startup-profiles", "off")
 	if cold.Error != "" {
 		warm.Error = "cold start failed"
 		return cold, warm
 	}
-	warm = e.strataRun(ctx, root, e.strataProxy.Addr(), im)
+	warm = e.strataRun(ctx, root, e.strataProxy.Addr(), im, "--startup-profiles", "off")
 	return cold, warm
+}
+
+// strataProfiled measures a cold start on a fresh node root of an image
+// whose start-up profile is in the registry (recordProfile), then removes
+// the node.
+func (e *env) strataProfiled(ctx context.Context, im *image, id string) report.Sample {
+	if im.profileErr != nil {
+		return report.Sample{Error: "no start-up profile: " + im.profileErr.Error()}
+	}
+	root := filepath.Join(e.disk, "profiled-"+id)
+	defer e.removeNode(root)
+	return e.strataRun(ctx, root, e.strataProxy.Addr(), im, "--startup-profiles", "use")
+}
+
+// recordProfile starts im once, untimed, on a throwaway node that records
+// what the workload reads and stores it in strata's registry as the
+// image's start-up profile, and waits until the registry has it.
+func (e *env) recordProfile(ctx context.Context, im *image) error {
+	root := filepath.Join(e.disk, "recorder-"+im.Name)
+	defer e.removeNode(root)
+	if s := e.strataRun(ctx, root, e.strataProxy.Addr(), im, "--startup-profiles", "auto"); s.Error != "" {
+		return errors.New(s.Error)
+	}
+	base := "http://" + e.strataProxy.Addr() + "/v2/" + im.repo()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodHead, base+"/manifests/latest", nil)
+	req.Header.Set("Accept", ocispec.MediaTypeImageManifest)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	m, err := digest.Parse(resp.Header.Get("Docker-Content-Digest"))
+	if err != nil {
+		return fmt.Errorf("manifest digest of %s: %w", im.repo(), err)
+	}
+	url := "http://" + e.strataProxy.Addr() + api.ProfilePath(im.repo(), m)
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		resp, err := http.Get(url)
+		if err != nil {
+			return err
+		}
+		var p api.Profile
+		if resp.StatusCode == http.StatusOK {
+			err = json.NewDecoder(resp.Body).Decode(&p)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			if err != nil {
+				return fmt.Errorf("start-up profile of %s: %w", im.repo(), err)
+			}
+			n := 0
+			for _, l := range p.Layers {
+				n += len(l.Frames)
+			}
+			e.logf("  %s: start-up profile recorded: %d frames in %d layers", im.Name, n, len(p.Layers))
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no start-up profile for %s after 30 s (%s)", im.repo(), resp.Status)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // strataFallback measures a full pull from the CNCF registry on a fresh

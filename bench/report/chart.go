@@ -15,6 +15,7 @@ var palette = map[string]color.Color{
 	StrataFallback:    color.RGBA{0x8c, 0x8c, 0x8c, 0xff},
 	StrataCold:        color.RGBA{0xdd, 0x84, 0x52, 0xff},
 	StrataWarm:        color.RGBA{0x55, 0xa8, 0x68, 0xff},
+	StrataProfiled:    color.RGBA{0xc4, 0x4e, 0x52, 0xff},
 	"physical limit":  color.RGBA{0x20, 0x20, 0x20, 0xff},
 	"local overlayfs": color.RGBA{0x4c, 0x72, 0xb0, 0xff},
 	"strata cold":     color.RGBA{0xdd, 0x84, 0x52, 0xff},
@@ -144,11 +145,18 @@ var imageColors = []color.Color{
 	color.RGBA{0x55, 0xa8, 0x68, 0xff},
 }
 
+// pale mixes c with white.
+func pale(c color.Color) color.Color {
+	r, g, b, _ := c.RGBA()
+	mix := func(v uint32) uint8 { return uint8((v>>8 + 2*255) / 3) }
+	return color.RGBA{mix(r), mix(g), mix(b), 0xff}
+}
+
 // summaryChart draws strata's lazy cold start as a speed-up over
 // containerd, by profile and image, with the 10x target as a line.
 func (r *Report) summaryChart(dir string) (string, error) {
 	p := plot.New()
-	p.Title.Text = "strata lazy cold start: speed-up over containerd pull + run"
+	p.Title.Text = "strata lazy start on a fresh node: speed-up over containerd pull + run"
 	p.Y.Label.Text = "containerd time ÷ strata time (median)"
 	p.Y.Min = 0
 	p.Legend.Top = true
@@ -156,31 +164,50 @@ func (r *Report) summaryChart(dir string) (string, error) {
 	for _, pr := range r.Profiles {
 		profiles = append(profiles, pr.Name)
 	}
-	w := vg.Points(18)
-	drawn, top := 0, 10.0
+	// One bar per image and strata system (cold without a profile, pale;
+	// with one, full colour), grouped by link profile.
+	type series struct {
+		label string
+		vals  plotter.Values
+		color color.Color
+	}
+	var all []series
+	top := 10.0
 	for i, im := range r.Images {
-		vals := make(plotter.Values, len(r.Profiles))
-		any := false
-		for k, pr := range r.Profiles {
-			base, st := r.Find(im.Name, pr.Name, Baseline), r.Find(im.Name, pr.Name, StrataCold)
-			if base != nil && st != nil && base.FirstLine.N > 0 && st.FirstLine.N > 0 {
-				vals[k] = base.FirstLine.Median / st.FirstLine.Median
-				top = max(top, vals[k])
-				any = true
+		for _, sys := range []string{StrataCold, StrataProfiled} {
+			vals := make(plotter.Values, len(r.Profiles))
+			any := false
+			for k, pr := range r.Profiles {
+				base, st := r.Find(im.Name, pr.Name, Baseline), r.Find(im.Name, pr.Name, sys)
+				if base != nil && st != nil && base.FirstLine.N > 0 && st.FirstLine.N > 0 {
+					vals[k] = base.FirstLine.Median / st.FirstLine.Median
+					top = max(top, vals[k])
+					any = true
+				}
 			}
+			if !any {
+				continue
+			}
+			c := imageColors[i%len(imageColors)]
+			label := im.Name + ", profiled"
+			if sys == StrataCold {
+				c, label = pale(c), im.Name+", cold"
+			}
+			all = append(all, series{label, vals, c})
 		}
-		if !any {
-			continue
-		}
-		bc, err := plotter.NewBarChart(vals, w)
+	}
+	w := vg.Points(min(18, 110/float64(max(len(all), 1))))
+	drawn := 0
+	for i, sr := range all {
+		bc, err := plotter.NewBarChart(sr.vals, w)
 		if err != nil {
 			return "", err
 		}
-		bc.Color = imageColors[i%len(imageColors)]
+		bc.Color = sr.color
 		bc.LineStyle.Width = 0
-		bc.Offset = w * vg.Length(float64(i)-float64(len(r.Images)-1)/2)
+		bc.Offset = w * vg.Length(float64(i)-float64(len(all)-1)/2)
 		p.Add(bc)
-		p.Legend.Add(im.Name, bc)
+		p.Legend.Add(sr.label, bc)
 		drawn++
 	}
 	if drawn == 0 {

@@ -11,19 +11,21 @@ const (
 	Containerd     = "containerd"
 	StrataFallback = "strata-fallback"
 	StrataCold     = "strata-lazy-cold"
+	StrataProfiled = "strata-lazy-profiled"
 	StrataWarm     = "strata-lazy-warm"
 	Baseline       = Containerd
 )
 
 // SystemOrder lists the start-time systems in table order.
-var SystemOrder = []string{Containerd, StrataFallback, StrataCold, StrataWarm}
+var SystemOrder = []string{Containerd, StrataFallback, StrataCold, StrataProfiled, StrataWarm}
 
 // Describe says what each system measures.
 var Describe = map[string]string{
 	Containerd:     "containerd 1.6 (Debian): `ctr image pull` + `ctr run --rm`, fresh content store and snapshots",
 	StrataFallback: "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
-	StrataCold:     "strata lazy start: fresh node root and cache (daemon started by the command), image pushed and expanded",
-	StrataWarm:     "strata lazy start again on the same node: layers cached, new container",
+	StrataCold:     "strata lazy start: fresh node root and cache (daemon started by the command), image pushed and expanded, no start-up profile (`--startup-profiles off`): every read the workload makes that misses is a round trip",
+	StrataProfiled: "strata lazy start, fresh node root and cache, with the image's start-up profile: an earlier start on another node (before the timed runs) recorded what the workload read and stored it in the registry; the node fetches it with the layer indexes and prefetches it, in parallel, as the layers mount",
+	StrataWarm:     "strata lazy start again on the node of the cold start: layers cached, new container",
 }
 
 // Markdown renders the report as tables; charts are image files in the

@@ -42,7 +42,7 @@ func (g *globalFlags) daemonArgs() []string {
 	if err != nil {
 		exe = os.Args[0]
 	}
-	return []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "daemon"}
+	return []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles, "daemon"}
 }
 
 func (g *globalFlags) dial(cmd *cobra.Command) (*node.Client, error) {
@@ -61,9 +61,14 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			switch g.profiles {
+			case node.ProfilesAuto, node.ProfilesUse, node.ProfilesOff:
+			default:
+				return fmt.Errorf("--startup-profiles: %q is not auto, use or off", g.profiles)
+			}
 			log := g.logger()
 			m, err := node.Open(cmd.Context(), node.Options{
-				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout,
+				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout, Profiles: g.profiles,
 				Remote: func(plain func(string) bool) *remote.Client {
 					return remote.New(remote.Options{PlainHTTP: plain, Credentials: remote.DockerCredentials(log), Logger: log})
 				},

@@ -40,6 +40,10 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 			w.Write(b)
 			return
 		}
+		if ds, ok := strings.CutPrefix(rest, "profiles/"); ok && repo != "" {
+			s.serveProfile(w, r, repo, ds)
+			return
+		}
 		tail, ok := strings.CutPrefix(rest, "layers/")
 		ds, ok2 := strings.CutSuffix(tail, "/mount")
 		if repo == "" || !ok || !ok2 {
@@ -77,6 +81,55 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 			writeErr(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
 		}
 	})
+}
+
+// serveProfile answers GET, HEAD and PUT of an image's start-up profile.
+func (s *Service) serveProfile(w http.ResponseWriter, r *http.Request, repo, ds string) {
+	m, err := digest.Parse(ds)
+	if err != nil {
+		writeErr(w, http.StatusBadRequest, "DIGEST_INVALID", "invalid manifest digest "+strconv.Quote(ds))
+		return
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		b, err := s.Profile(r.Context(), repo, m)
+		switch {
+		case errors.Is(err, ErrNoProfile):
+			writeErr(w, http.StatusNotFound, api.CodeProfileUnknown, "no start-up profile for "+repo+"@"+m.String())
+			return
+		case err != nil:
+			s.log.Error("reading a start-up profile", "repo", repo, "manifest", m, "err", err)
+			writeErr(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		if r.Method == http.MethodGet {
+			w.Write(b)
+		}
+	case http.MethodPut:
+		var p api.Profile
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, api.MaxProfileBytes))
+		if err := dec.Decode(&p); err != nil {
+			writeErr(w, http.StatusBadRequest, api.CodeProfileInvalid, "profile: "+err.Error())
+			return
+		}
+		err := s.PutProfile(r.Context(), repo, m, &p)
+		switch {
+		case err == nil:
+			w.Header().Set("Location", api.ProfilePath(repo, m))
+			w.WriteHeader(http.StatusCreated)
+		case errors.Is(err, store.ErrManifestUnknown):
+			writeErr(w, http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest "+m.String()+" is not in repository "+repo)
+		case errors.Is(err, ErrBadProfile):
+			writeErr(w, http.StatusBadRequest, api.CodeProfileInvalid, err.Error())
+		default:
+			s.log.Error("storing a start-up profile", "repo", repo, "manifest", m, "err", err)
+			writeErr(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
+		}
+	default:
+		writeErr(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "profiles are read with GET and stored with PUT")
+	}
 }
 
 func writeErr(w http.ResponseWriter, status int, code, msg string) {

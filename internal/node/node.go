@@ -36,6 +36,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/cache"
 	"github.com/strata-oci/strata/internal/layerfs"
@@ -62,7 +63,24 @@ type Options struct {
 	// FetchTimeout bounds a read that must fetch from the registry; past it
 	// the read fails with EIO (0: layerfs's default).
 	FetchTimeout time.Duration
+	// Profiles is what the node does with start-up profiles (see
+	// api.Profile): ProfilesAuto (the default) prefetches an image's
+	// profile when a container starts, and records and stores one when
+	// the registry has none; ProfilesUse only prefetches; ProfilesOff
+	// neither asks for nor records them.
+	Profiles string
+	// ProfileWindow is how long after a container starts its reads are
+	// recorded into a new profile (default 10 s; the recording also ends
+	// when the container's lease does).
+	ProfileWindow time.Duration
 }
+
+// Values of Options.Profiles.
+const (
+	ProfilesAuto = "auto"
+	ProfilesUse  = "use"
+	ProfilesOff  = "off"
+)
 
 // Manager mounts layers and keeps track of who uses them.
 type Manager struct {
@@ -79,6 +97,9 @@ type Manager struct {
 	leases map[string]*Lease
 	// downloads in progress (fallback pulls), for progress bars
 	downloads map[digest.Digest]*Download
+	// recordings of start-up profiles, by lease ID
+	recordings map[string]*profileRecording
+	uploads    sync.WaitGroup
 }
 
 // Download is the progress of one fallback layer download.
@@ -121,6 +142,9 @@ type layer struct {
 	server *layerfs.Server // lazy layers
 	size   int64           // compressed layer size
 	usize  int64           // uncompressed bytes of file data
+
+	ready chan struct{} // closed when mounted, or when mounting failed (err)
+	err   error
 }
 
 // Image is a pulled image as the node records it.
@@ -135,6 +159,11 @@ type Image struct {
 	Pulled   time.Time            `json:"pulled"`
 	// Reason says why the fallback was taken.
 	Reason string `json:"reason,omitempty"`
+	// Profile is the image's start-up profile from the registry, if it
+	// has one; Unprofiled records that the registry has none (so the
+	// first container records one).
+	Profile    *api.Profile `json:"profile,omitempty"`
+	Unprofiled bool         `json:"unprofiled,omitempty"`
 }
 
 // Lease keeps an image's layers mounted.
@@ -156,6 +185,9 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if opts.Profiles == "" {
+		opts.Profiles = ProfilesAuto
+	}
 	for _, d := range []string{"layers", "images", "leases", "cache"} {
 		if err := os.MkdirAll(filepath.Join(opts.Root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("node root: %w", err)
@@ -169,7 +201,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		opts: opts, root: opts.Root, log: log, cache: c,
 		plain: map[string]bool{}, info: map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
-		downloads: map[digest.Digest]*Download{},
+		downloads: map[digest.Digest]*Download{}, recordings: map[string]*profileRecording{},
 	}
 	m.client = opts.Remote(m.isPlain)
 	m.cleanStale()
@@ -218,7 +250,7 @@ func (m *Manager) restore(ctx context.Context) {
 			os.Remove(p)
 			continue
 		}
-		if _, err := m.acquire(ctx, l.ID, l.Image, l.Union, l.PID); err != nil {
+		if _, err := m.acquire(ctx, l.ID, l.Image, l.Union, l.PID, false); err != nil {
 			m.log.Warn("cannot restore lease", "id", l.ID, "err", err)
 			os.Remove(p)
 			continue
@@ -265,22 +297,66 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
 	}
 	lazy, reason := m.offersMounts(ctx, r.Registry)
-	for i, l := range img.Manifest.Layers {
-		diffID := img.Config.RootFS.DiffIDs[i]
-		if lazy {
-			err := m.fetchIndex(ctx, r.Repository, l, diffID)
-			if err == nil {
-				continue
+	// Every layer is prepared at once (a bounded number at a time): the
+	// mount requests and index fetches of a many-layer image overlap
+	// instead of costing a round trip each in series, and so do fallback
+	// downloads, each unpacked into its own directory.
+	layers := img.Manifest.Layers
+	unpackAll := !lazy
+	errs := make([]error, len(layers))
+	var profileDone chan struct{}
+	if lazy && m.opts.Profiles != ProfilesOff {
+		// The profile is asked for alongside the indexes; it costs no
+		// extra round trip.
+		profileDone = make(chan struct{})
+		go func() {
+			defer close(profileDone)
+			p, err := m.client.Profile(ctx, r.Repository, img.Digest)
+			switch {
+			case err == nil && p.Version == layerindex.Version:
+				rec.Profile = p
+			case errors.Is(err, remote.ErrNotFound):
+				rec.Unprofiled = true
+			case err != nil:
+				m.log.Debug("no start-up profile", "ref", ref, "err", err)
 			}
-			if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) {
-				lazy, reason = false, fmt.Sprintf("layer %s has no layer mount: %v", l.Digest, err)
-			} else {
-				return nil, err
+		}()
+	}
+	if lazy {
+		forEach(ctx, len(layers), pullConcurrency, func(i int) {
+			errs[i] = m.fetchIndex(ctx, r.Repository, layers[i], img.Config.RootFS.DiffIDs[i])
+		})
+	}
+	var fallback []int
+	for i, err := range errs {
+		switch {
+		case unpackAll:
+			fallback = append(fallback, i)
+		case err == nil:
+		case errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound):
+			// This layer is pulled the ordinary way; the others stay
+			// layer mounts.
+			if lazy {
+				lazy, reason = false, fmt.Sprintf("layer %s has no layer mount: %v", layers[i].Digest, err)
 			}
-		}
-		if err := m.unpackLayer(ctx, r.Repository, l, diffID); err != nil {
+			fallback = append(fallback, i)
+		default:
 			return nil, err
 		}
+	}
+	errs = make([]error, len(fallback))
+	forEach(ctx, len(fallback), downloadConcurrency, func(j int) {
+		i := fallback[j]
+		errs[j] = m.unpackLayer(ctx, r.Repository, layers[i], img.Config.RootFS.DiffIDs[i])
+	})
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if profileDone != nil {
+		<-profileDone
 	}
 	if !lazy {
 		rec.Mode, rec.Reason = ModeUnpacked, reason
@@ -290,6 +366,35 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 		return nil, err
 	}
 	return rec, nil
+}
+
+// pullConcurrency bounds the layers whose mount and index requests are in
+// flight at once; downloadConcurrency the fallback downloads (containerd's
+// default is 3).
+const (
+	pullConcurrency     = 8
+	downloadConcurrency = 3
+)
+
+// forEach calls fn(0) … fn(n-1), at most limit at a time, and waits for
+// them. Calls not yet started when ctx is done are skipped.
+func forEach(ctx context.Context, n, limit int, fn func(i int)) {
+	sem := make(chan struct{}, limit)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			fn(i)
+		}()
+	}
+	wg.Wait()
 }
 
 // offersMounts asks a registry, once, whether it serves layer mounts.
@@ -454,29 +559,44 @@ func (m *Manager) Acquire(ctx context.Context, id, ref string, plainHTTP bool, u
 	if err != nil {
 		return nil, err
 	}
-	return m.acquire(ctx, id, img, union, pid)
+	return m.acquire(ctx, id, img, union, pid, true)
 }
 
-func (m *Manager) acquire(ctx context.Context, id string, img *Image, union string, pid int) (*Lease, error) {
+// acquire mounts img's layers for lease id. starting says a container (or
+// union) is starting now, not being restored after a restart: its image's
+// start-up profile is prefetched, or recorded when the registry has none.
+func (m *Manager) acquire(ctx context.Context, id string, img *Image, union string, pid int, starting bool) (*Lease, error) {
 	m.mu.Lock()
 	if _, ok := m.leases[id]; ok {
 		m.mu.Unlock()
 		return nil, fmt.Errorf("lease %s exists", id)
 	}
 	m.mu.Unlock()
-	var got []*layer
+	// The layers are mounted at once (each mount reads its saved index and
+	// starts a FUSE server); a failure releases the ones that succeeded.
+	got := make([]*layer, len(img.Layers))
+	errs := make([]error, len(img.Layers))
+	prefetch := starting && m.opts.Profiles != ProfilesOff && img.Profile != nil
+	forEach(ctx, len(img.Layers), pullConcurrency, func(i int) {
+		got[i], errs[i] = m.ref(ctx, img, img.Layers[i])
+		if errs[i] == nil && prefetch {
+			m.prefetch(got[i], img.Profile)
+		}
+	})
 	release := func() {
 		for _, l := range got {
-			m.unref(l)
+			if l != nil {
+				m.unref(l)
+			}
 		}
 	}
-	for _, d := range img.Layers {
-		l, err := m.ref(ctx, img, d)
-		if err != nil {
-			release()
-			return nil, err
-		}
-		got = append(got, l)
+	err := errors.Join(errs...)
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		release()
+		return nil, err
 	}
 	lease := &Lease{ID: id, Ref: img.Ref, Image: img, PID: pid}
 	for i := len(got) - 1; i >= 0; i-- {
@@ -504,6 +624,9 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	m.mu.Lock()
 	m.leases[id] = lease
 	m.mu.Unlock()
+	if starting && union == "" && img.Unprofiled && img.Profile == nil && m.opts.Profiles == ProfilesAuto {
+		m.record(id, img, got)
+	}
 	return lease, nil
 }
 
@@ -529,6 +652,7 @@ func (m *Manager) Release(ctx context.Context, id string) error {
 		}
 	}
 	os.Remove(filepath.Join(m.root, "leases", leaseFile(id)))
+	go m.finishRecording(id)
 	for _, d := range lease.Image.Layers {
 		m.mu.Lock()
 		l := m.layers[d.Digest]
@@ -574,47 +698,78 @@ func (m *Manager) ReapDead(ctx context.Context) {
 	}
 }
 
-// ref mounts layer d of img (once) and takes a reference.
+// ref mounts layer d of img (once) and takes a reference. Concurrent
+// calls for the same layer wait for the one that mounts it.
 func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor) (*layer, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if l, ok := m.layers[d.Digest]; ok {
 		l.refs++
+		m.mu.Unlock()
+		select {
+		case <-l.ready:
+		case <-ctx.Done():
+			m.unref(l)
+			return nil, ctx.Err()
+		}
+		if l.err != nil {
+			return nil, l.err
+		}
 		return l, nil
 	}
+	l := &layer{digest: d.Digest, refs: 1, size: d.Size, ready: make(chan struct{})}
+	m.layers[d.Digest] = l
+	m.mu.Unlock()
+	if err := m.mountLayer(ctx, img, d, l); err != nil {
+		m.mu.Lock()
+		if m.layers[d.Digest] == l {
+			delete(m.layers, d.Digest)
+		}
+		m.mu.Unlock()
+		l.err = err
+		close(l.ready)
+		return nil, err
+	}
+	close(l.ready)
+	return l, nil
+}
+
+// mountLayer makes layer l ready: its unpacked tree, or a FUSE mount of its
+// saved index.
+func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descriptor, l *layer) error {
 	dir := layerDir(m.root, d.Digest)
-	l := &layer{digest: d.Digest, refs: 1, size: d.Size}
 	if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
+		m.mu.Lock()
 		l.mode, l.dir = ModeUnpacked, filepath.Join(dir, "fs")
-		m.layers[d.Digest] = l
-		return l, nil
+		m.mu.Unlock()
+		return nil
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "index"))
 	if err != nil {
-		return nil, fmt.Errorf("layer %s is not pulled", d.Digest)
+		return fmt.Errorf("layer %s is not pulled", d.Digest)
 	}
 	ix, err := layerindex.Decode(b)
 	if err != nil {
-		return nil, fmt.Errorf("layer %s: saved index: %w", d.Digest, err)
+		return fmt.Errorf("layer %s: saved index: %w", d.Digest, err)
 	}
 	if ix.Layer != d.Digest {
-		return nil, fmt.Errorf("layer %s: saved index is for %s", d.Digest, ix.Layer)
+		return fmt.Errorf("layer %s: saved index is for %s", d.Digest, ix.Layer)
 	}
 	mnt := filepath.Join(dir, "mnt")
 	overlay.Unmount(mnt, true) // a stale mount from a crashed daemon
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
-		return nil, err
+		return err
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
 	src := &blobSource{client: m.client, repo: repo, digest: ix.Data}
 	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout)})
 	if err != nil {
-		return nil, fmt.Errorf("mount layer %s: %w", d.Digest, err)
+		return fmt.Errorf("mount layer %s: %w", d.Digest, err)
 	}
+	m.mu.Lock()
 	l.mode, l.dir, l.server, l.usize = ModeLazy, mnt, srv, ix.StreamSize
-	m.layers[d.Digest] = l
+	m.mu.Unlock()
 	m.log.Info("layer mounted", "layer", d.Digest, "entries", len(ix.Entries))
-	return l, nil
+	return nil
 }
 
 func (m *Manager) unref(l *layer) {
@@ -624,7 +779,9 @@ func (m *Manager) unref(l *layer) {
 		m.mu.Unlock()
 		return
 	}
-	delete(m.layers, l.digest)
+	if m.layers[l.digest] == l {
+		delete(m.layers, l.digest)
+	}
 	m.mu.Unlock()
 	if l.server != nil {
 		m.addFetched(l.digest, l.server.Stats().BytesFetched)
@@ -637,6 +794,22 @@ func (m *Manager) unref(l *layer) {
 
 // Close ends every lease and unmounts everything.
 func (m *Manager) Close(ctx context.Context) {
+	m.mu.Lock()
+	var ids []string
+	for id := range m.recordings {
+		ids = append(ids, id)
+	}
+	m.mu.Unlock()
+	for _, id := range ids {
+		go m.finishRecording(id)
+	}
+	uploaded := make(chan struct{})
+	go func() { m.uploads.Wait(); close(uploaded) }()
+	select {
+	case <-uploaded:
+	case <-time.After(5 * time.Second):
+	case <-ctx.Done():
+	}
 	for _, l := range m.Leases() {
 		// Keep the lease records: a restarted daemon restores them.
 		m.mu.Lock()

@@ -11,6 +11,7 @@
 package remote
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -125,7 +126,13 @@ func New(opts Options) *Client {
 	}
 	tr := opts.Transport
 	if tr == nil {
-		tr = http.DefaultTransport.(*http.Transport).Clone()
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		// Layer mounts read many ranges of a few blobs concurrently (the
+		// layers of an image, a prefetch's streams): keep those
+		// connections for the next requests instead of the default 2.
+		t.MaxIdleConnsPerHost = 32
+		t.MaxConnsPerHost = 32
+		tr = t
 	}
 	c.http = &http.Client{Transport: tr}
 	return c
@@ -140,6 +147,7 @@ type request struct {
 	header   http.Header
 	accept   []int         // statuses that are success (default 200)
 	timeout  time.Duration // per attempt (default Options.Timeout)
+	body     []byte        // sent with every attempt
 	// read, if set, consumes a successful response inside the attempt, so
 	// that failures while reading the body are retried too. Without it the
 	// response is returned open, and its body bounds each read by timeout.
@@ -265,7 +273,11 @@ func (c *Client) attempt(ctx context.Context, r request, timeout time.Duration, 
 
 // do sends one HTTP request with what is known of the registry's auth.
 func (c *Client) do(ctx context.Context, r request) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, r.method, c.url(r.registry, r.path), nil)
+	var body io.Reader
+	if r.body != nil {
+		body = bytes.NewReader(r.body)
+	}
+	req, err := http.NewRequestWithContext(ctx, r.method, c.url(r.registry, r.path), body)
 	if err != nil {
 		return nil, err
 	}

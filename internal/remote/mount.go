@@ -143,3 +143,57 @@ func checkMountDescriptor(md *api.MountDescriptor, layer digest.Digest) error {
 	}
 	return nil
 }
+
+// Profile fetches the start-up profile of the image whose manifest is m in
+// repo (GET /v2/<name>/_strata/profiles/<m>). No profile is ErrNotFound.
+func (c *Client) Profile(ctx context.Context, repo Repository, m digest.Digest) (*api.Profile, error) {
+	var p api.Profile
+	_, err := c.send(ctx, request{
+		method:   http.MethodGet,
+		registry: repo.Registry,
+		path:     api.ProfilePath(repo.Name, m),
+		scope:    repo.scope(),
+		header:   http.Header{"Accept": {"application/json"}},
+		read: func(resp *http.Response) error {
+			b, err := io.ReadAll(io.LimitReader(resp.Body, api.MaxProfileBytes+1))
+			if err != nil {
+				return err
+			}
+			if len(b) > api.MaxProfileBytes {
+				return fmt.Errorf("%w: profile larger than %d bytes", ErrInvalidResponse, api.MaxProfileBytes)
+			}
+			if err := json.Unmarshal(b, &p); err != nil {
+				return fmt.Errorf("%w: profile: %v", ErrInvalidResponse, err)
+			}
+			return nil
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start-up profile of %s@%s: %w", repo, m, err)
+	}
+	return &p, nil
+}
+
+// PutProfile stores p as the start-up profile of the image whose manifest
+// is m in repo (PUT /v2/<name>/_strata/profiles/<m>); the registry
+// authorizes it as a push to repo.
+func (c *Client) PutProfile(ctx context.Context, repo Repository, m digest.Digest, p *api.Profile) error {
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	_, err = c.send(ctx, request{
+		method:   http.MethodPut,
+		registry: repo.Registry,
+		path:     api.ProfilePath(repo.Name, m),
+		scope:    "repository:" + repo.Name + ":pull,push",
+		header:   http.Header{"Content-Type": {"application/json"}},
+		body:     b,
+		accept:   []int{http.StatusCreated, http.StatusOK},
+		read:     func(*http.Response) error { return nil },
+	})
+	if err != nil {
+		return fmt.Errorf("store start-up profile of %s@%s: %w", repo, m, err)
+	}
+	return nil
+}

@@ -1,0 +1,98 @@
+package expand
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/atomicfile"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+// ErrNoProfile: no start-up profile is stored for the image.
+var ErrNoProfile = errors.New("no start-up profile")
+
+// ErrBadProfile wraps the reason a profile was refused.
+var ErrBadProfile = errors.New("invalid start-up profile")
+
+// maxProfileFrames bounds the frames a profile lists, all layers together.
+const maxProfileFrames = 1 << 20
+
+func (s *Service) profilePath(repo string, m digest.Digest) string {
+	h := sha256.Sum256([]byte(repo))
+	return filepath.Join(s.dir, "profiles", hex.EncodeToString(h[:16]), recordName(m))
+}
+
+// Profile returns the stored start-up profile of manifest m in repo, as
+// stored (JSON), or ErrNoProfile.
+func (s *Service) Profile(ctx context.Context, repo string, m digest.Digest) ([]byte, error) {
+	if _, err := s.st.GetManifest(ctx, repo, m); err != nil {
+		return nil, ErrNoProfile // the image is gone, and so is its profile
+	}
+	b, err := os.ReadFile(s.profilePath(repo, m))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, ErrNoProfile
+	}
+	return b, err
+}
+
+// PutProfile checks and stores the start-up profile p of manifest m in
+// repo, replacing any before it. Every layer it names must be a layer of
+// the image whose expansion has data blob Data; frame indexes must not be
+// negative and are not more than maxProfileFrames in all. A profile that
+// fails is refused with an error wrapping ErrBadProfile (or
+// store.ErrManifestUnknown).
+func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, p *api.Profile) error {
+	man, err := s.st.GetManifest(ctx, repo, m)
+	if err != nil {
+		return err
+	}
+	layers, err := imageLayers(man.Content)
+	if err != nil || len(layers) == 0 {
+		return fmt.Errorf("%w: %s is not an image manifest with layers", ErrBadProfile, m)
+	}
+	if p.Version != layerindex.Version {
+		return fmt.Errorf("%w: format version %d, this registry serves %d", ErrBadProfile, p.Version, layerindex.Version)
+	}
+	n := 0
+	seen := map[digest.Digest]bool{}
+	for _, l := range p.Layers {
+		if !slices.Contains(layers, l.Layer) {
+			return fmt.Errorf("%w: %s is not a layer of %s", ErrBadProfile, l.Layer, m)
+		}
+		if seen[l.Layer] {
+			return fmt.Errorf("%w: layer %s listed twice", ErrBadProfile, l.Layer)
+		}
+		seen[l.Layer] = true
+		md := s.done(l.Layer)
+		if md == nil || md.Data.Digest != l.Data {
+			return fmt.Errorf("%w: layer %s has no expansion with data blob %s", ErrBadProfile, l.Layer, l.Data)
+		}
+		for _, k := range l.Frames {
+			if k < 0 {
+				return fmt.Errorf("%w: negative frame index", ErrBadProfile)
+			}
+		}
+		if n += len(l.Frames); n > maxProfileFrames {
+			return fmt.Errorf("%w: more than %d frames", ErrBadProfile, maxProfileFrames)
+		}
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	path := s.profilePath(repo, m)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	return atomicfile.Write(path, b)
+}

@@ -1,0 +1,83 @@
+package expand_test
+
+import (
+	"encoding/json"
+	"net/http"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/ocilayout"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+func TestProfileAPI(t *testing.T) {
+	srv := start(t, t.TempDir())
+	defer srv.stop()
+	tr, _ := files(t)
+	m, descs := pushImage(t, srv.URL, "lib/app", "v1", ocilayout.GzipLayer(tr))
+	layer := descs[0].Digest
+	code, body := mount(t, srv.URL, "lib/app", layer)
+	var md api.MountDescriptor
+	if code != 200 || json.Unmarshal(body, &md) != nil {
+		t.Fatalf("mount: %d %s", code, body)
+	}
+	url := srv.URL + api.ProfilePath("lib/app", m)
+
+	if code, _, body := req(t, "GET", url, nil); code != http.StatusNotFound || !json.Valid(body) {
+		t.Fatalf("GET before any profile: %d %s", code, body)
+	}
+	good := api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{3, 0, 1}}}}
+	put := func(p any, u string) (int, []byte) {
+		b, _ := json.Marshal(p)
+		code, _, body := req(t, "PUT", u, b, "Content-Type", "application/json")
+		return code, body
+	}
+	for name, tc := range map[string]struct {
+		p    any
+		want int
+	}{
+		"not a layer of the image": {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: digest.FromString("x"), Data: md.Data.Digest}}}, 400},
+		"another data blob":        {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: digest.FromString("y")}}}, 400},
+		"negative frame":           {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{-1}}}}, 400},
+		"layer twice":              {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{good.Layers[0], good.Layers[0]}}, 400},
+		"format version":           {api.Profile{Version: 99}, 400},
+		"not JSON":                 {"[", 400},
+	} {
+		if code, body := put(tc.p, url); code != tc.want {
+			t.Errorf("%s: PUT %d %s, want %d", name, code, body, tc.want)
+		}
+	}
+	if code, body := put(good, srv.URL+api.ProfilePath("lib/app", digest.FromString("no such manifest"))); code != 404 {
+		t.Errorf("PUT for an unknown manifest: %d %s", code, body)
+	}
+	if code, body := put(good, srv.URL+api.ProfilePath("other/repo", m)); code != 404 {
+		t.Errorf("PUT in a repository without the image: %d %s", code, body)
+	}
+	if code, body := put(good, url); code != http.StatusCreated {
+		t.Fatalf("PUT: %d %s", code, body)
+	}
+	code, hdr, body := req(t, "GET", url, nil)
+	var got api.Profile
+	if code != 200 || hdr.Get("Content-Type") != "application/json" || json.Unmarshal(body, &got) != nil {
+		t.Fatalf("GET: %d %s", code, body)
+	}
+	if len(got.Layers) != 1 || len(got.Layers[0].Frames) != 3 || got.Layers[0].Frames[0] != 3 {
+		t.Errorf("GET returned %+v", got)
+	}
+	// Profiles are per repository.
+	if code, _, _ := req(t, "GET", srv.URL+api.ProfilePath("other/repo", m), nil); code != 404 {
+		t.Errorf("GET in another repository: %d", code)
+	}
+	if code, _, _ := req(t, "DELETE", url, nil); code != http.StatusMethodNotAllowed {
+		t.Errorf("DELETE: %d", code)
+	}
+	// A profile goes with its image.
+	if code, _, body := req(t, "DELETE", srv.URL+"/v2/lib/app/manifests/"+m.String(), nil); code != 202 {
+		t.Fatalf("delete manifest: %d %s", code, body)
+	}
+	if code, _, _ := req(t, "GET", url, nil); code != 404 {
+		t.Errorf("GET after the manifest was deleted: %d", code)
+	}
+}
