@@ -31,6 +31,10 @@ type image struct {
 	layers     []digest.Digest
 	compressed int64
 	unpacked   int64
+	// readPaths are the files the workload reads at start (measureReads);
+	// stargzBytes the size of the image's eStargz conversions, by system.
+	readPaths   []string
+	stargzBytes map[string]int64
 }
 
 // repo is the image's repository in both registries.
