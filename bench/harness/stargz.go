@@ -178,7 +178,8 @@ func readJSONFile(file string, v any) error {
 func (e *env) stargzRun(ctx context.Context, im *image, sys, id string) (s report.Sample) {
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
-	id = sys + "-" + id
+	// Short: the ids name unix sockets, whose paths are at most 107 bytes.
+	id = map[string]string{report.Stargz: "sz-", report.StargzOptimized: "szo-"}[sys] + id
 	root := filepath.Join(e.disk, id)
 	sock := filepath.Join(e.work, id+".sock")
 	logFile := filepath.Join(e.work, id+".log")

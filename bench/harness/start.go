@@ -260,8 +260,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 			return c, nil
 		}
 		if time.Now().After(deadline) {
-			e.stopContainerd(c, "")
 			b, _ := os.ReadFile(c.log.Name())
+			e.stopContainerd(c, "")
 			return nil, fmt.Errorf("containerd did not start:\n%s", tailString(string(b), 2000))
 		}
 		time.Sleep(50 * time.Millisecond)
