@@ -41,6 +41,7 @@ type env struct {
 
 	strata string // binary
 	dist   string // CNCF registry binary
+	stargz string // the stargz-snapshotter peer (bench/stargz)
 
 	net         *link.Net
 	metrics     *http.Client // reaches strata's registry around the proxy
@@ -103,6 +104,11 @@ func setup(ctx context.Context, cfg Config) (_ *env, err error) {
 	}
 	if err := e.build(ctx, cfg.needDist()); err != nil {
 		return nil, err
+	}
+	if cfg.wantsStargz() {
+		if err := e.buildStargz(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if e.net, err = link.New(ctx, 0); err != nil {
 		return nil, fmt.Errorf("emulated link: %w", err)

@@ -60,15 +60,17 @@ type Config struct {
 func (c Config) wants(sys string) bool { return len(c.Systems) == 0 || slices.Contains(c.Systems, sys) }
 
 // needDist reports whether a system needs the CNCF registry.
-func (c Config) needDist() bool { return c.wants(report.Containerd) || c.wants(report.StrataFallback) }
+func (c Config) needDist() bool {
+	return c.wants(report.Containerd) || c.wants(report.StrataFallback) || c.wantsStargz()
+}
 
 // Tools lists the programs the benchmarks of c run.
 func (c Config) Tools() []string {
 	t := []string{"ip", "tc", "nsenter", "skopeo", "runc", "mkfs.ext4", "findmnt", "mount", "tar", "go"}
-	if c.wants(report.Containerd) {
+	if c.wants(report.Containerd) || c.wantsStargz() {
 		t = append(t, "containerd", "ctr", "containerd-shim-runc-v2")
 	}
-	if c.Limit {
+	if c.Limit || c.wants(report.StargzOptimized) {
 		t = append(t, "strace", "chroot", "blockdev", "cp")
 	}
 	return t
@@ -144,6 +146,13 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 			}
 		}
 	}
+	if cfg.wantsStargz() {
+		for i, im := range images {
+			if err := e.prepareStargz(ctx, im, &rep.Images[i]); err != nil {
+				return nil, fmt.Errorf("eStargz of %s: %w", im.Name, err)
+			}
+		}
+	}
 
 	want := cfg.wants
 	for _, p := range cfg.Profiles {
@@ -190,6 +199,11 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 				if need(report.Containerd, i) {
 					timed(report.Containerd, func() { add(report.Containerd, e.containerdRun(ctx, im, id), i) })
 				}
+				for _, sys := range []string{report.Stargz, report.StargzOptimized} {
+					if need(sys, i) {
+						timed(sys, func() { add(sys, e.stargzRun(ctx, im, sys, id), i) })
+					}
+				}
 				if need(report.StrataFallback, i) {
 					timed(report.StrataFallback, func() { add(report.StrataFallback, e.strataFallback(ctx, im, id), i) })
 				}
@@ -209,7 +223,11 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 			}
 			for _, sys := range report.SystemOrder {
 				if st := results[sys]; st != nil {
-					st.Summarise(im.compressed)
+					size := im.compressed
+					if n := im.stargzBytes[sys]; n > 0 {
+						size = n // the fraction of the eStargz image
+					}
+					st.Summarise(size)
 					rep.Start = append(rep.Start, *st)
 				}
 			}
@@ -251,6 +269,7 @@ func (e *env) limits(ctx context.Context, im *image, cfg Config, rep *report.Rep
 		secs = append(secs, t.Seconds())
 	}
 	localS := report.Of(secs).Median
+	im.readPaths = sr.paths
 	e.logf("  %s reads %s at start (%s gzip) from %d files; starts locally with runc in %s",
 		im.Name, report.MB(sr.readBytes), report.MB(sr.compressed), sr.files, report.Secs(localS))
 	for _, p := range cfg.Profiles {

@@ -33,6 +33,10 @@ type image struct {
 	unpacked   int64
 	// profileErr is why recording the image's start-up profile failed.
 	profileErr error
+	// readPaths are the files the workload reads at start (measureReads);
+	// stargzBytes the size of the image's eStargz conversions, by system.
+	readPaths   []string
+	stargzBytes map[string]int64
 }
 
 // repo is the image's repository in both registries.

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -67,6 +68,11 @@ func dropCaches() error {
 type startRead struct {
 	readBytes, compressed int64
 	files                 int
+	// paths are the regular files of the image the workload read, as
+	// absolute paths in the image with symlinks resolved: those it opened,
+	// in the order it first opened them, then any other it read (the ELF
+	// interpreter the kernel loads, for one).
+	paths []string
 }
 
 // measureReads runs the workload once under strace in a chroot of the
@@ -100,6 +106,7 @@ func (e *env) measureReads(ctx context.Context, l *local, args []string) (startR
 	// Count the files opened after the workload was executed (the second
 	// execve; the first is chroot's own).
 	opened := map[string]bool{}
+	var order []string
 	execs := 0
 	for _, line := range strings.Split(string(b), "\n") {
 		if strings.Contains(line, "execve(") {
@@ -113,9 +120,21 @@ func (e *env) measureReads(ctx context.Context, l *local, args []string) (startR
 			continue
 		}
 		path, _, _ := strings.Cut(rest, `"`)
+		if !opened[path] {
+			order = append(order, path)
+		}
 		opened[path] = true
 	}
 	sr.files = len(opened)
+	listed := map[string]bool{}
+	for _, p := range order {
+		if real, ok := resolveIn(l.lower, p); ok && !listed[real] {
+			if fi, err := os.Stat(filepath.Join(l.lower, real)); err == nil && fi.Mode().IsRegular() {
+				sr.paths = append(sr.paths, real)
+				listed[real] = true
+			}
+		}
+	}
 
 	zw, _ := gzip.NewWriterLevel(&countWriter{n: &sr.compressed}, gzip.DefaultCompression)
 	seen := map[[2]uint64]bool{}
@@ -135,6 +154,10 @@ func (e *env) measureReads(ctx context.Context, l *local, args []string) (startR
 		seen[key] = true
 		n, err := residentPages(p, info.Size(), zw)
 		sr.readBytes += n
+		if rel, _ := filepath.Rel(l.lower, p); n > 0 && !listed["/"+rel] {
+			sr.paths = append(sr.paths, "/"+rel)
+			listed["/"+rel] = true
+		}
 		return err
 	})
 	if err != nil {
@@ -221,4 +244,44 @@ func (e *env) localStart(ctx context.Context, l *local, args []string, want stri
 		}
 	}
 	return times, nil
+}
+
+// resolveIn resolves p (absolute in the tree root, or relative to its
+// top) inside root, following symlinks as if root were "/", and returns
+// the absolute path in the tree, if it exists.
+func resolveIn(root, p string) (string, bool) {
+	parts := strings.Split(p, "/")
+	cur := "/"
+	for hops := 0; len(parts) > 0; {
+		c := parts[0]
+		parts = parts[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			cur = path.Dir(cur)
+			continue
+		}
+		next := path.Join(cur, c)
+		fi, err := os.Lstat(filepath.Join(root, next))
+		if err != nil {
+			return "", false
+		}
+		if fi.Mode()&os.ModeSymlink == 0 {
+			cur = next
+			continue
+		}
+		if hops++; hops > 40 {
+			return "", false
+		}
+		target, err := os.Readlink(filepath.Join(root, next))
+		if err != nil {
+			return "", false
+		}
+		if path.IsAbs(target) {
+			cur = "/"
+		}
+		parts = append(strings.Split(target, "/"), parts...)
+	}
+	return cur, true
 }

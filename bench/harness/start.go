@@ -285,8 +285,9 @@ type containerd struct {
 }
 
 // startContainerd starts a fresh containerd (empty content store and
-// snapshots) whose root is on the node disk.
-func (e *env) startContainerd(ctx context.Context, id string) (*containerd, error) {
+// snapshots) whose root is on the node disk; extra is appended to its
+// configuration (proxy plugins).
+func (e *env) startContainerd(ctx context.Context, id, extra string) (*containerd, error) {
 	c := &containerd{
 		dir:  filepath.Join(e.work, "containerd-"+id),
 		root: filepath.Join(e.disk, "containerd-"+id),
@@ -311,7 +312,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %q
-`, c.root, c.state, c.sock, c.sock+".ttrpc", filepath.Join(c.dir, "opt"))
+`, c.root, c.state, c.sock, c.sock+".ttrpc", filepath.Join(c.dir, "opt")) + extra
 	cfgFile := filepath.Join(c.dir, "config.toml")
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o644); err != nil {
 		return nil, err
@@ -333,8 +334,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 			return c, nil
 		}
 		if time.Now().After(deadline) {
-			e.stopContainerd(c, "")
 			b, _ := os.ReadFile(c.log.Name())
+			e.stopContainerd(c, "")
 			return nil, fmt.Errorf("containerd did not start:\n%s", tailString(string(b), 2000))
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -369,7 +370,7 @@ func (e *env) stopContainerd(c *containerd, id string) {
 func (e *env) containerdRun(ctx context.Context, im *image, id string) (s report.Sample) {
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
-	c, err := e.startContainerd(ctx, id)
+	c, err := e.startContainerd(ctx, id, "")
 	if err != nil {
 		s.Error = err.Error()
 		return s

@@ -17,7 +17,7 @@ const (
 )
 
 // SystemOrder lists the start-time systems in table order.
-var SystemOrder = []string{Containerd, StrataFallback, StrataCold, StrataProfiled, StrataWarm}
+var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataCold, StrataProfiled, StrataWarm}
 
 // Describe says what each system measures.
 var Describe = map[string]string{
@@ -109,6 +109,8 @@ func (r *Report) Markdown(charts []string) string {
 			}
 		}
 	}
+
+	b.WriteString(r.stargzMarkdown())
 
 	if len(r.Limits) > 0 {
 		w("\n## Physical limit, measured\n\n| image | profile | read at start | compressed | files opened | round trips | local start (runc) | limit |\n|---|---|---|---|---|---|---|---|\n")

@@ -49,6 +49,12 @@ type Image struct {
 	// expansions strata's registry made of the layers (all layers).
 	ExpandedIndexBytes int64 `json:"expanded_index_bytes"`
 	ExpandedDataBytes  int64 `json:"expanded_data_bytes"`
+	// EStargzBytes and EStargzOptimizedBytes are the sizes of the image's
+	// layers converted to eStargz, plain and optimized for the workload
+	// (PrioritizedFiles files first).
+	EStargzBytes          int64 `json:"estargz_bytes,omitempty"`
+	EStargzOptimizedBytes int64 `json:"estargz_optimized_bytes,omitempty"`
+	PrioritizedFiles      int   `json:"prioritized_files,omitempty"`
 }
 
 // Profile is one emulated link.

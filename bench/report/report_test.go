@@ -44,6 +44,9 @@ func TestMarkdown(t *testing.T) {
 	add(report.Containerd, report.Sample{FirstLine: 10 * time.Second, LinkBytes: 100e6}, report.Sample{FirstLine: 12 * time.Second, LinkBytes: 100e6})
 	add(report.StrataCold, report.Sample{FirstLine: time.Second, Ready: 300 * time.Millisecond, LinkBytes: 10e6, Requests: 20, Conns: 1}, report.Sample{Error: "boom"})
 	add(report.StrataWarm, report.Sample{FirstLine: 200 * time.Millisecond})
+	add(report.StrataProfiled, report.Sample{FirstLine: 500 * time.Millisecond, LinkBytes: 4e6})
+	add(report.StargzOptimized, report.Sample{FirstLine: 2 * time.Second, LinkBytes: 5e6})
+	r.Images[0].EStargzOptimizedBytes, r.Images[0].PrioritizedFiles = 101e6, 7
 	md := r.Markdown(nil)
 	for _, want := range []string{
 		"| p (test) | containerd | **11.00 s** | 10.00 s–12.00 s |  | 1.0x | 22.0 | 100 MB | 100.0% | (0) |",
@@ -51,6 +54,9 @@ func TestMarkdown(t *testing.T) {
 		"| 2 (1) |",
 		"2.0 of local start",
 		"`echo 'hi there'`",
+		"| p (test) | stargz-optimized | **2.00 s** |",
+		"| img | 100 MB |  | 101 MB | 7 |",
+		"| img | p (test) |  | 2.00 s (5.0 MB) | 1.00 s (10 MB) | 500 ms (4.0 MB) |  | 4.0x faster |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
