@@ -21,7 +21,7 @@ import (
 func TestSmoke(t *testing.T) {
 	testenv.RequireFUSE(t)
 	cfg, _, err := parseFlags([]string{"-images", "tiny", "-profiles", "loopback", "-runs", "1",
-		"-systems", "strata-lazy-cold,strata-lazy-warm", "-read-runs", "1", "-read-files", "1", "-read-mib", "4", "-work", t.TempDir()})
+		"-systems", "strata-lazy-cold,strata-lazy-profiled,strata-lazy-warm", "-read-runs", "1", "-read-files", "1", "-read-mib", "4", "-work", t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +42,7 @@ func TestSmoke(t *testing.T) {
 	if err := json.Unmarshal(b, &rep); err != nil {
 		t.Fatal(err)
 	}
-	for _, sys := range []string{report.StrataCold, report.StrataWarm} {
+	for _, sys := range []string{report.StrataCold, report.StrataProfiled, report.StrataWarm} {
 		st := rep.Find("tiny", "loopback", sys)
 		if st == nil || st.Failures != 0 || st.FirstLine.N != 1 || st.FirstLine.Median <= 0 {
 			t.Errorf("%s: %+v", sys, st)

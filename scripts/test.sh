@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PATH:/usr/local/go/bin"
 go vet ./...
+(cd bench/stargz && go vet ./...) # the benchmark's stargz peer, a module of its own
 go test -count=1 -timeout 30m ./... "$@"
