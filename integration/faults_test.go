@@ -142,8 +142,10 @@ func corruptingProxy(t *testing.T, target string) (string, *atomic.Int64) {
 		if err != nil {
 			return err
 		}
-		if len(b) > 0 {
-			b[len(b)/2] ^= 0xff
+		// One byte in every 4 KiB, so that every frame of a response
+		// (a read fetches several) is hit.
+		for i := len(b) / 2 % 4096; i < len(b); i += 4096 {
+			b[i] ^= 0xff
 			corrupted.Add(1)
 		}
 		resp.Body = io.NopCloser(bytes.NewReader(b))
