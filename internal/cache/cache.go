@@ -19,9 +19,13 @@
 //	  tmp/                             writes in progress; emptied by Open
 //
 // Every write goes to a temporary file in tmp/, is verified against its
-// digest, synced, and renamed into place, so an item is either complete and
-// correct or absent. The sizes of the items are kept in memory and rebuilt
-// by scanning the directory on Open.
+// digest and renamed into place, so while the process runs an item is
+// either complete and correct or absent. Writes are not synced: a crash of
+// the machine can leave an item torn, but every item is verified before it
+// is used after a restart (below), so a torn item is a miss, never wrong
+// content, and a node does not wait for the disk on every frame it fetches.
+// The sizes of the items are kept in memory and rebuilt by scanning the
+// directory on Open.
 //
 // Verification: the bytes of a frame are hashed on every load. A file is
 // hashed the first time it is opened after Open (or not at all when this
@@ -448,9 +452,6 @@ func (c *Cache) put(ctx context.Context, k key, size int64, r io.Reader) error {
 	}
 	if n != size || hex.EncodeToString(h.Sum(nil)) != k.hex {
 		return ErrDigestMismatch
-	}
-	if err := tmp.Sync(); err != nil {
-		return err
 	}
 	if err := tmp.Close(); err != nil {
 		return err

@@ -167,7 +167,9 @@ func TestCachedSurvivesSourceFailure(t *testing.T) {
 			}
 
 			// Another mount, another cache instance on the same directory
-			// (as after a restart), and a source that only fails.
+			// (as after a restart), and a source that only fails. The
+			// first FS's last frames are cached once its fetches end.
+			f.Close()
 			src.setFault(func(ctx context.Context, off, n int64, b []byte) error { return errors.New("gone") })
 			f2, mnt2 := mount(t, ix, src, openCache(t, cacheDir, 0), opts)
 			for name, want := range files {

@@ -470,12 +470,12 @@ func (f *fetcher) fetchRun(ctx context.Context, run []int) {
 			}
 		}
 		f.st.fetchedFrames.Add(1)
+		f.finish(k, data, nil) // readers go on while the frame is cached
 		if f.cache != nil {
 			if err := f.cache.PutFrame(ctx, fr.Digest, cb); err != nil {
 				f.log.Debug("layerfs: frame not cached", "frame", k, "err", err)
 			}
 		}
-		f.finish(k, data, nil)
 	}
 }
 

@@ -196,6 +196,7 @@ func TestFetcherUsesCache(t *testing.T) {
 	if _, err := f.frames(context.Background(), 0, 2); err != nil {
 		t.Fatal(err)
 	}
+	f.fills.Wait() // frames are cached after readers have them
 	src.fail.Store(true)
 	f, st := newTestFetcher(ix, src, c, Options{Attempts: 1})
 	got, err := f.frames(context.Background(), 0, 2)
@@ -267,6 +268,7 @@ func waitIdle(t *testing.T, f *fetcher) {
 		n := len(f.inflight)
 		f.mu.Unlock()
 		if n == 0 {
+			f.fills.Wait() // and they are cached
 			return
 		}
 	}

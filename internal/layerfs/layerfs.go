@@ -80,7 +80,8 @@ type Options struct {
 	PrefetchStreams int
 	// PrefetchGap is the most compressed bytes of unwanted frames Prefetch
 	// fetches to join two runs of wanted frames into one request. Default
-	// 128 KiB; negative for none.
+	// 16 KiB (with concurrent requests, round trips overlap, and a start-up
+	// prefetch is bound by the link's bandwidth); negative for none.
 	PrefetchGap int64
 	// MaxFetchBytes bounds the length of one coalesced request (a single
 	// frame is always requested whole). Default 8 MiB.
@@ -96,6 +97,18 @@ type Options struct {
 	// cache, to open it with passthrough. Default 1 MiB; negative: only
 	// files already in the cache are opened with passthrough.
 	MaterializeMax int64
+
+	// ProgramMax: when a read at offset 0 shows a file is an ELF program
+	// or library (a process is starting it, or the loader is mapping it),
+	// the rest of the file, up to ProgramMax compressed bytes, is
+	// prefetched at once over concurrent requests, instead of page fault
+	// by page fault, each a round trip. Not while a start-up profile is
+	// being prefetched (it knows better). Default 16 MiB; negative: never.
+	ProgramMax int64
+
+	// Prefetch lists frames to Prefetch as soon as the FS exists, before
+	// it is mounted (a start-up profile).
+	Prefetch []int
 
 	// Name is the subtype of the mount: its type shows as fuse.<Name>.
 	// Default strata-<hex of the layer digest>.
@@ -130,8 +143,11 @@ func (o Options) withDefaults() Options {
 	if o.PrefetchStreams <= 0 {
 		o.PrefetchStreams = 6
 	}
+	if o.ProgramMax == 0 {
+		o.ProgramMax = 16 << 20
+	}
 	if o.PrefetchGap == 0 {
-		o.PrefetchGap = 128 << 10
+		o.PrefetchGap = 16 << 10
 	}
 	if o.MaxFetchBytes <= 0 {
 		o.MaxFetchBytes = 8 << 20
@@ -157,6 +173,10 @@ type FS struct {
 
 	// primary maps each Hardlink entry to the Reg entry it names.
 	primary map[int]int
+	// profiledUntil (Unix ns): until then, no sequential readahead.
+	profiledUntil atomic.Int64
+	// programs marks the entries already found to be programs.
+	programs []atomic.Bool
 }
 
 // New returns the file system of the layer described by ix, reading its
@@ -169,6 +189,7 @@ func New(ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*FS, e
 	opts = opts.withDefaults()
 	f := &FS{ix: ix, cache: c, opts: opts, log: opts.Logger, primary: make(map[int]int)}
 	f.fetch = newFetcher(ix, src, c, &f.opts, &f.st)
+	f.programs = make([]atomic.Bool, len(ix.Entries))
 	for i := range ix.Entries {
 		e := &ix.Entries[i]
 		if e.Type != layerindex.TypeHardlink {
@@ -179,6 +200,9 @@ func New(ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*FS, e
 			return nil, fmt.Errorf("layerfs: %w: hardlink %q: target %q is not a regular file", layerindex.ErrInvalidIndex, e.Path, e.Linkname)
 		}
 		f.primary[i] = j
+	}
+	if len(f.opts.Prefetch) > 0 {
+		f.Prefetch(f.opts.Prefetch)
 	}
 	return f, nil
 }
@@ -340,6 +364,7 @@ type Stats struct {
 	ServedOpens      int64 // opens whose reads this process serves
 	ServedReads      int64 // read requests this process answered
 	ServedBytes      int64 // bytes those requests returned
+	Programs         int64 // ELF files prefetched whole when first read
 }
 
 type counters struct {
@@ -347,6 +372,7 @@ type counters struct {
 	cacheHits, memoryHits                                              atomic.Int64
 	materialized, passthroughOpens, servedOpens                        atomic.Int64
 	servedReads, servedBytes                                           atomic.Int64
+	programs                                                           atomic.Int64
 }
 
 // Stats returns the counters.
@@ -365,6 +391,7 @@ func (f *FS) Stats() Stats {
 		ServedOpens:      s.servedOpens.Load(),
 		ServedReads:      s.servedReads.Load(),
 		ServedBytes:      s.servedBytes.Load(),
+		Programs:         s.programs.Load(),
 	}
 }
 
@@ -373,9 +400,40 @@ func (f *FS) Stats() Stats {
 // are neither in memory nor in the cache, with Options.PrefetchStreams
 // concurrent requests, and returns at once. Reads of those frames wait for these fetches instead of
 // making their own.
+//
+// A prefetch is taken to be a start-up profile: for profileWindow after
+// it, sequential reads do not prefetch further (the profile already lists
+// what the start reads; more would only compete with it for the link).
 func (f *FS) Prefetch(ks []int) {
+	f.profiledUntil.Store(time.Now().Add(profileWindow).UnixNano())
 	f.fetch.prefetchList(ks)
 }
+
+// program notes that entry i, whose first bytes are head, was read from
+// offset 0, and prefetches the whole file if it is an ELF file (see
+// Options.ProgramMax).
+func (f *FS) program(i int, head []byte) {
+	if f.opts.ProgramMax <= 0 || len(head) < 4 || string(head[:4]) != "\x7fELF" ||
+		time.Now().UnixNano() <= f.profiledUntil.Load() || f.programs[i].Swap(true) {
+		return
+	}
+	e := &f.ix.Entries[i]
+	first, last := f.ix.FramesFor(e.Offset, e.Size)
+	var size int64
+	ks := make([]int, 0, last-first+1)
+	for k := first; k <= last; k++ {
+		size += f.ix.Frames[k].CSize
+		ks = append(ks, k)
+	}
+	if size > f.opts.ProgramMax || len(ks) < 2 {
+		return
+	}
+	f.st.programs.Add(1)
+	f.fetch.prefetchList(ks)
+}
+
+// profileWindow is how long after a Prefetch readahead stays off.
+const profileWindow = 10 * time.Second
 
 // StartRecording starts listing the frames that reads need (from the
 // source, the cache or memory alike); StopRecording ends the recording and

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -348,8 +349,11 @@ func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 	}
 	f.st.servedReads.Add(1)
 	f.st.servedBytes.Add(int64(len(b)))
+	if off == 0 {
+		f.program(h.n.i, b)
+	}
 	end := off + int64(len(b))
-	if prev := h.next.Swap(end); prev == off && off > 0 && f.opts.Readahead > 0 && end < e.Size {
+	if prev := h.next.Swap(end); prev == off && off > 0 && f.opts.Readahead > 0 && end < e.Size && time.Now().UnixNano() > f.profiledUntil.Load() {
 		// Sequential: prefetch the next frames of this file.
 		_, last := f.ix.FramesFor(e.Offset+off, int64(len(b)))
 		_, fileLast := f.ix.FramesFor(e.Offset, e.Size)

@@ -2,6 +2,7 @@ package layerfs_test
 
 import (
 	"archive/tar"
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -472,5 +473,48 @@ func TestOverlay(t *testing.T) {
 	}
 	if diff := cmp.Diff([]string(nil), list("a")); diff != "" {
 		t.Errorf("after removing a/y (-want +got):\n%s", diff)
+	}
+}
+
+// TestProgramsPrefetchedWhole: reading the head of an ELF file (exec, the
+// loader) fetches the whole file at once; other files are fetched as read.
+func TestProgramsPrefetchedWhole(t *testing.T) {
+	elf := append([]byte("\x7fELF"), random(1, 3<<20)...)
+	data := random(2, 3<<20)
+	ix, blob := build(t, tarOf(t, file("usr/bin/prog", 0o755, elf), file("usr/share/data", 0o644, data)))
+	src := &memSource{data: blob}
+	f, mnt := mount(t, ix, src, openCache(t, t.TempDir(), 0), layerfs.Options{MissWindow: -1, DisablePassthrough: true})
+	head := func(name string) {
+		fd, err := os.Open(filepath.Join(mnt, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fd.Close()
+		b := make([]byte, 64)
+		if _, err := fd.ReadAt(b, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	head("usr/share/data")
+	time.Sleep(200 * time.Millisecond)
+	if s := f.Stats(); s.Programs != 0 || s.BytesFetched > 2*layerindex.FrameSize+4096 {
+		t.Errorf("a data file's head: %+v", s)
+	}
+	before := f.Stats().BytesFetched
+	head("usr/bin/prog")
+	deadline := time.Now().Add(5 * time.Second)
+	for f.Stats().BytesFetched-before < int64(len(elf)) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if s := f.Stats(); s.Programs != 1 || s.BytesFetched-before < int64(len(elf)) {
+		t.Errorf("an ELF file's head fetched %d bytes of %d: %+v", s.BytesFetched-before, len(elf), s)
+	}
+	// The whole program is now read without another request.
+	reqs := src.requests.Load()
+	if got := readFile(t, filepath.Join(mnt, "usr/bin/prog")); !bytes.Equal(got, elf) {
+		t.Fatal("program content differs")
+	}
+	if n := src.requests.Load() - reqs; n != 0 {
+		t.Errorf("reading the prefetched program made %d requests", n)
 	}
 }
