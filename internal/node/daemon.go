@@ -200,6 +200,9 @@ func Dial(ctx context.Context, root string, start []string) (*Client, error) {
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	deadline := time.After(20 * time.Second)
+	// Poll often at first: a fresh daemon is usually up within tens of
+	// milliseconds, and a container start waits for it.
+	pause := 2 * time.Millisecond
 	for {
 		if c.ping(ctx) == nil {
 			return c, nil
@@ -211,8 +214,9 @@ func Dial(ctx context.Context, root string, start []string) (*Client, error) {
 			return nil, fmt.Errorf("node daemon did not start; see %s", filepath.Join(root, "daemon.log"))
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(pause):
 		}
+		pause = min(2*pause, 50*time.Millisecond)
 	}
 }
 

@@ -52,7 +52,7 @@ func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocis
 		}
 		return "", nil, err
 	}
-	ly, err := m.ref(ctx, &Image{Registry: repo.Registry, Repo: repo.Name}, l)
+	ly, err := m.ref(ctx, &Image{Registry: repo.Registry, Repo: repo.Name}, l, nil)
 	if err != nil {
 		return "", nil, err
 	}

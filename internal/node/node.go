@@ -99,7 +99,9 @@ type Manager struct {
 	downloads map[digest.Digest]*Download
 	// recordings of start-up profiles, by lease ID
 	recordings map[string]*profileRecording
-	uploads    sync.WaitGroup
+	// decoded indexes saved by a pull, for the mount that follows
+	decoded map[digest.Digest]*layerindex.Index
+	uploads sync.WaitGroup
 }
 
 // Download is the progress of one fallback layer download.
@@ -202,6 +204,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		plain: map[string]bool{}, info: map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{}, recordings: map[string]*profileRecording{},
+		decoded: map[digest.Digest]*layerindex.Index{},
 	}
 	m.client = opts.Remote(m.isPlain)
 	m.cleanStale()
@@ -285,7 +288,61 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 		m.plain[r.Registry] = true
 		m.mu.Unlock()
 	}
-	img, err := m.client.Resolve(ctx, r)
+	// The requests that depend only on the manifest go out as soon as it
+	// is verified, alongside the config: whether the registry offers layer
+	// mounts (asked once per registry, from the start), the start-up
+	// profile, and every layer's mount and index (a bounded number at a
+	// time), so a many-layer image costs no round trip per layer. The
+	// indexes are bound to the config's diff IDs once it is there.
+	offer := sync.OnceValues(func() (bool, string) { return m.offersMounts(ctx, r.Registry) })
+	go offer()
+	var (
+		early       []*earlyIndex
+		profile     *api.Profile
+		unprofiled  bool
+		profileDone = make(chan struct{})
+	)
+	img, err := m.client.ResolveWith(ctx, r, func(md digest.Digest, man *ocispec.Manifest) {
+		early = make([]*earlyIndex, len(man.Layers))
+		for i := range early {
+			early[i] = &earlyIndex{done: make(chan struct{})}
+		}
+		layers := man.Layers
+		go func() {
+			lazy, _ := offer()
+			if !lazy || m.opts.Profiles == ProfilesOff {
+				close(profileDone)
+			} else {
+				go func() {
+					defer close(profileDone)
+					p, err := m.client.Profile(ctx, r.Repository, md)
+					switch {
+					case err == nil && p.Version == layerindex.Version:
+						profile = p
+					case errors.Is(err, remote.ErrNotFound):
+						unprofiled = true
+					case err != nil:
+						m.log.Debug("no start-up profile", "ref", ref, "err", err)
+					}
+				}()
+			}
+			forEach(ctx, len(layers), pullConcurrency, func(i int) {
+				e := early[i]
+				defer close(e.done)
+				if lazy {
+					e.md, e.raw, e.ix, e.err = m.getIndex(ctx, r.Repository, layers[i])
+				}
+			})
+			for _, e := range early { // those skipped when ctx ended
+				select {
+				case <-e.done:
+				default:
+					e.err = ctx.Err()
+					close(e.done)
+				}
+			}
+		}()
+	})
 	if err != nil {
 		return nil, fmt.Errorf("resolve %s: %w", ref, err)
 	}
@@ -296,36 +353,21 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 		Ref: r.String(), Digest: img.Digest, Registry: r.Registry, Repo: r.Name,
 		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
 	}
-	lazy, reason := m.offersMounts(ctx, r.Registry)
-	// Every layer is prepared at once (a bounded number at a time): the
-	// mount requests and index fetches of a many-layer image overlap
-	// instead of costing a round trip each in series, and so do fallback
-	// downloads, each unpacked into its own directory.
+	lazy, reason := offer()
 	layers := img.Manifest.Layers
 	unpackAll := !lazy
 	errs := make([]error, len(layers))
-	var profileDone chan struct{}
-	if lazy && m.opts.Profiles != ProfilesOff {
-		// The profile is asked for alongside the indexes; it costs no
-		// extra round trip.
-		profileDone = make(chan struct{})
-		go func() {
-			defer close(profileDone)
-			p, err := m.client.Profile(ctx, r.Repository, img.Digest)
-			switch {
-			case err == nil && p.Version == layerindex.Version:
-				rec.Profile = p
-			case errors.Is(err, remote.ErrNotFound):
-				rec.Unprofiled = true
-			case err != nil:
-				m.log.Debug("no start-up profile", "ref", ref, "err", err)
-			}
-		}()
-	}
 	if lazy {
-		forEach(ctx, len(layers), pullConcurrency, func(i int) {
-			errs[i] = m.fetchIndex(ctx, r.Repository, layers[i], img.Config.RootFS.DiffIDs[i])
-		})
+		for i, e := range early {
+			select {
+			case <-e.done:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			if errs[i] = e.err; e.err == nil && e.raw != nil {
+				errs[i] = m.saveIndex(layers[i], img.Config.RootFS.DiffIDs[i], e.md, e.raw, e.ix)
+			}
+		}
 	}
 	var fallback []int
 	for i, err := range errs {
@@ -355,9 +397,8 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if profileDone != nil {
-		<-profileDone
-	}
+	<-profileDone
+	rec.Profile, rec.Unprofiled = profile, unprofiled
 	if !lazy {
 		rec.Mode, rec.Reason = ModeUnpacked, reason
 	}
@@ -429,35 +470,60 @@ func (m *Manager) offersMounts(ctx context.Context, registry string) (bool, stri
 	return true, ""
 }
 
+// An earlyIndex is a layer's index fetched before the image's config is
+// there (see Pull).
+type earlyIndex struct {
+	done chan struct{}
+	md   *api.MountDescriptor
+	raw  []byte // nil: the node has the index already
+	ix   *layerindex.Index
+	err  error
+}
+
 // fetchIndex gets the layer's mount descriptor and index, verifies the index
 // against the descriptor and binds it to the layer and diff ID the image
 // names, and saves it.
 func (m *Manager) fetchIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) error {
-	dir := layerDir(m.root, l.Digest)
-	idxPath := filepath.Join(dir, "index")
-	if _, err := os.Stat(idxPath); err == nil {
-		return nil
+	md, raw, ix, err := m.getIndex(ctx, repo, l)
+	if err != nil || raw == nil {
+		return err
 	}
-	md, err := m.client.Mount(ctx, repo, l.Digest)
+	return m.saveIndex(l, diffID, md, raw, ix)
+}
+
+// getIndex asks for layer l's mount and fetches and decodes its index; raw
+// is nil when the node has the index already.
+func (m *Manager) getIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor) (md *api.MountDescriptor, raw []byte, ix *layerindex.Index, err error) {
+	if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "index")); err == nil {
+		return nil, nil, nil, nil
+	}
+	md, err = m.client.Mount(ctx, repo, l.Digest)
 	if err != nil {
-		return fmt.Errorf("layer mount %s: %w", l.Digest, err)
+		return nil, nil, nil, fmt.Errorf("layer mount %s: %w", l.Digest, err)
 	}
 	rc, err := m.client.FetchBlob(ctx, repo, md.Index)
 	if err != nil {
-		return fmt.Errorf("layer %s index: %w", l.Digest, err)
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
 	}
-	b, err := io.ReadAll(rc)
+	raw, err = io.ReadAll(rc)
 	rc.Close()
 	if err != nil {
-		return fmt.Errorf("layer %s index: %w", l.Digest, err)
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
 	}
-	ix, err := layerindex.Decode(b)
-	if err != nil {
-		return fmt.Errorf("layer %s index: %w", l.Digest, err)
+	if ix, err = layerindex.Decode(raw); err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
 	}
+	return md, raw, ix, nil
+}
+
+// saveIndex binds index ix (raw) of layer l to l, diffID and the mount
+// descriptor's data blob, and saves it; the decoded index is kept for the
+// layer's mount.
+func (m *Manager) saveIndex(l ocispec.Descriptor, diffID digest.Digest, md *api.MountDescriptor, raw []byte, ix *layerindex.Index) error {
 	if ix.Layer != l.Digest || ix.DiffID != diffID || ix.Data != md.Data.Digest || ix.DataSize != md.Data.Size {
 		return fmt.Errorf("layer %s: the registry's expansion is not bound to this image (index names layer %s, diff ID %s)", l.Digest, ix.Layer, ix.DiffID)
 	}
+	dir := layerDir(m.root, l.Digest)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
@@ -465,8 +531,19 @@ func (m *Manager) fetchIndex(ctx context.Context, repo remote.Repository, l ocis
 	if err := atomicfile.Write(filepath.Join(dir, "mount.json"), meta); err != nil {
 		return err
 	}
-	return atomicfile.Write(idxPath, b)
+	if err := atomicfile.Write(filepath.Join(dir, "index"), raw); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	if len(m.decoded) < maxDecoded {
+		m.decoded[l.Digest] = ix
+	}
+	m.mu.Unlock()
+	return nil
 }
+
+// maxDecoded bounds the decoded indexes kept between a pull and a mount.
+const maxDecoded = 256
 
 // unpackLayer downloads and unpacks a layer for the fallback path.
 func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) error {
@@ -578,10 +655,11 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	errs := make([]error, len(img.Layers))
 	prefetch := starting && m.opts.Profiles != ProfilesOff && img.Profile != nil
 	forEach(ctx, len(img.Layers), pullConcurrency, func(i int) {
-		got[i], errs[i] = m.ref(ctx, img, img.Layers[i])
-		if errs[i] == nil && prefetch {
-			m.prefetch(got[i], img.Profile)
+		var p *api.Profile
+		if prefetch {
+			p = img.Profile
 		}
+		got[i], errs[i] = m.ref(ctx, img, img.Layers[i], p)
 	})
 	release := func() {
 		for _, l := range got {
@@ -699,8 +777,10 @@ func (m *Manager) ReapDead(ctx context.Context) {
 }
 
 // ref mounts layer d of img (once) and takes a reference. Concurrent
-// calls for the same layer wait for the one that mounts it.
-func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor) (*layer, error) {
+// calls for the same layer wait for the one that mounts it. The layer's
+// frames that profile p lists are prefetched (before the FUSE mount when
+// this call mounts it).
+func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor, p *api.Profile) (*layer, error) {
 	m.mu.Lock()
 	if l, ok := m.layers[d.Digest]; ok {
 		l.refs++
@@ -714,12 +794,15 @@ func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor) (*l
 		if l.err != nil {
 			return nil, l.err
 		}
+		if p != nil {
+			m.prefetch(l, p)
+		}
 		return l, nil
 	}
 	l := &layer{digest: d.Digest, refs: 1, size: d.Size, ready: make(chan struct{})}
 	m.layers[d.Digest] = l
 	m.mu.Unlock()
-	if err := m.mountLayer(ctx, img, d, l); err != nil {
+	if err := m.mountLayer(ctx, img, d, l, p); err != nil {
 		m.mu.Lock()
 		if m.layers[d.Digest] == l {
 			delete(m.layers, d.Digest)
@@ -735,7 +818,7 @@ func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor) (*l
 
 // mountLayer makes layer l ready: its unpacked tree, or a FUSE mount of its
 // saved index.
-func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descriptor, l *layer) error {
+func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descriptor, l *layer, p *api.Profile) error {
 	dir := layerDir(m.root, d.Digest)
 	if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
 		m.mu.Lock()
@@ -743,13 +826,18 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 		m.mu.Unlock()
 		return nil
 	}
-	b, err := os.ReadFile(filepath.Join(dir, "index"))
-	if err != nil {
-		return fmt.Errorf("layer %s is not pulled", d.Digest)
-	}
-	ix, err := layerindex.Decode(b)
-	if err != nil {
-		return fmt.Errorf("layer %s: saved index: %w", d.Digest, err)
+	m.mu.Lock()
+	ix := m.decoded[d.Digest] // just pulled: no need to read and decode it again
+	delete(m.decoded, d.Digest)
+	m.mu.Unlock()
+	if ix == nil {
+		b, err := os.ReadFile(filepath.Join(dir, "index"))
+		if err != nil {
+			return fmt.Errorf("layer %s is not pulled", d.Digest)
+		}
+		if ix, err = layerindex.Decode(b); err != nil {
+			return fmt.Errorf("layer %s: saved index: %w", d.Digest, err)
+		}
 	}
 	if ix.Layer != d.Digest {
 		return fmt.Errorf("layer %s: saved index is for %s", d.Digest, ix.Layer)
@@ -761,7 +849,10 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
 	src := &blobSource{client: m.client, repo: repo, digest: ix.Data}
-	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout)})
+	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{
+		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
+		Prefetch: profileFrames(p, d.Digest, ix.Data),
+	})
 	if err != nil {
 		return fmt.Errorf("mount layer %s: %w", d.Digest, err)
 	}

@@ -6,6 +6,8 @@ import (
 	"os"
 	"time"
 
+	"github.com/opencontainers/go-digest"
+
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/remote"
@@ -20,18 +22,30 @@ type profileRecording struct {
 	timer  *time.Timer
 }
 
-// prefetch starts fetching the frames of l that profile p lists.
+// prefetch starts fetching the frames of mounted layer l that profile p
+// lists.
 func (m *Manager) prefetch(l *layer, p *api.Profile) {
 	if l.server == nil {
 		return
 	}
 	fs := l.server.FS()
+	if frames := profileFrames(p, l.digest, fs.Index().Data); len(frames) > 0 {
+		fs.Prefetch(frames)
+	}
+}
+
+// profileFrames returns the frames profile p lists for the layer whose
+// digest and data blob are layer and data (nil p: none).
+func profileFrames(p *api.Profile, layer, data digest.Digest) []int {
+	if p == nil {
+		return nil
+	}
 	for _, pl := range p.Layers {
-		if pl.Layer == l.digest && pl.Data == fs.Index().Data {
-			fs.Prefetch(pl.Frames)
-			m.log.Debug("prefetching the start-up profile", "layer", l.digest, "frames", len(pl.Frames))
+		if pl.Layer == layer && pl.Data == data {
+			return pl.Frames
 		}
 	}
+	return nil
 }
 
 // record starts recording the reads of the lazy layers of lease id's

@@ -69,14 +69,22 @@ func (img *Image) Repository() Repository { return img.Ref.Repository }
 // Docker-Content-Digest header when present; the config against the
 // manifest.
 func (c *Client) Resolve(ctx context.Context, ref Reference) (*Image, error) {
-	img, err := c.resolve(ctx, ref)
+	return c.ResolveWith(ctx, ref, nil)
+}
+
+// ResolveWith is Resolve, calling onManifest with the verified image
+// manifest (its digest and content) before it fetches the config, so the
+// caller can start work that needs only the manifest, such as layer
+// requests, one round trip earlier. onManifest must not block.
+func (c *Client) ResolveWith(ctx context.Context, ref Reference, onManifest func(digest.Digest, *ocispec.Manifest)) (*Image, error) {
+	img, err := c.resolve(ctx, ref, onManifest)
 	if err != nil {
 		return nil, fmt.Errorf("resolve %s: %w", ref, err)
 	}
 	return img, nil
 }
 
-func (c *Client) resolve(ctx context.Context, ref Reference) (*Image, error) {
+func (c *Client) resolve(ctx context.Context, ref Reference, onManifest func(digest.Digest, *ocispec.Manifest)) (*Image, error) {
 	img := &Image{Ref: ref}
 	raw, mt, d, err := c.fetchManifest(ctx, ref.Repository, ref.Identifier(), ref.Digest, -1)
 	if err != nil {
@@ -126,6 +134,9 @@ func (c *Client) resolve(ctx context.Context, ref Reference) (*Image, error) {
 		if err := l.Digest.Validate(); err != nil {
 			return nil, fmt.Errorf("%w: manifest %s: layer %d digest: %v", ErrInvalidResponse, d, i, err)
 		}
+	}
+	if onManifest != nil {
+		onManifest(d, &img.Manifest)
 	}
 	img.RawConfig, err = c.readBlob(ctx, ref.Repository, cfg, maxConfigSize)
 	if err != nil {
