@@ -368,4 +368,11 @@ func TestDecodeFrame(t *testing.T) {
 	if _, err := x.DecodeFrame(len(x.Frames), raw); !errors.Is(err, layerindex.ErrInvalidFrame) {
 		t.Errorf("no such frame: %v", err)
 	}
+	// Bytes verified by the caller decode the same; sizes are still checked.
+	if got, err := x.DecodeVerifiedFrame(1, raw); err != nil || !bytes.Equal(got, content[f.UOffset:f.UOffset+f.USize]) {
+		t.Errorf("DecodeVerifiedFrame: %v", err)
+	}
+	if _, err := x.DecodeVerifiedFrame(1, raw[:len(raw)-1]); !errors.Is(err, layerindex.ErrInvalidFrame) {
+		t.Errorf("DecodeVerifiedFrame of a short frame: %v", err)
+	}
 }

@@ -31,6 +31,17 @@ func (x *Index) DecodeFrame(i int, compressed []byte) ([]byte, error) {
 
 // AppendFrame is DecodeFrame appending the content to dst.
 func (x *Index) AppendFrame(dst []byte, i int, compressed []byte) ([]byte, error) {
+	return x.appendFrame(dst, i, compressed, true)
+}
+
+// DecodeVerifiedFrame is DecodeFrame for bytes the caller has already
+// checked against frame i's digest (a content-addressed cache that
+// verifies what it returns): it skips hashing them again.
+func (x *Index) DecodeVerifiedFrame(i int, compressed []byte) ([]byte, error) {
+	return x.appendFrame(nil, i, compressed, false)
+}
+
+func (x *Index) appendFrame(dst []byte, i int, compressed []byte, verify bool) ([]byte, error) {
 	if i < 0 || i >= len(x.Frames) {
 		return dst, fmt.Errorf("%w: no frame %d", ErrInvalidFrame, i)
 	}
@@ -38,9 +49,11 @@ func (x *Index) AppendFrame(dst []byte, i int, compressed []byte) ([]byte, error
 	if int64(len(compressed)) != f.CSize {
 		return dst, fmt.Errorf("%w: frame %d: %d bytes, want %d", ErrInvalidFrame, i, len(compressed), f.CSize)
 	}
-	sum := sha256.Sum256(compressed)
-	if digest.NewDigestFromBytes(digest.SHA256, sum[:]) != f.Digest {
-		return dst, fmt.Errorf("%w: frame %d: digest mismatch", ErrInvalidFrame, i)
+	if verify {
+		sum := sha256.Sum256(compressed)
+		if digest.NewDigestFromBytes(digest.SHA256, sum[:]) != f.Digest {
+			return dst, fmt.Errorf("%w: frame %d: digest mismatch", ErrInvalidFrame, i)
+		}
 	}
 	dec, err := frameDecoder()
 	if err != nil {

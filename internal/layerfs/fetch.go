@@ -426,7 +426,9 @@ func (f *fetcher) fromCache(ctx context.Context, k int) ([]byte, bool) {
 		}
 		return nil, false
 	}
-	data, err := f.ix.DecodeFrame(k, cb)
+	// The cache returned bytes it checked against fr.Digest, the index's
+	// digest of the frame: no need to hash them again.
+	data, err := f.ix.DecodeVerifiedFrame(k, cb)
 	if err != nil {
 		// The cache verified the digest, so this frame is not what the
 		// index says it is: fetch it again and let verification decide.
