@@ -138,6 +138,13 @@ func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
 	var s report.Sample
+	// The node daemon is started before the clock, with the same global
+	// flags, as containerd and the stargz snapshotter are for theirs: a
+	// node runs its agent before it is asked to start a container.
+	if out, err := e.strataCmd(ctx, root, append(flags, "ps")...).CombinedOutput(); err != nil {
+		s.Error = fmt.Sprintf("starting the node daemon: %v\n%s", err, out)
+		return s
+	}
 	m := e.begin(ctx)
 	args := append(append(flags, "run", "--rm", "--plain-http", addr+"/"+im.repo()+":latest"), im.Args...)
 	stderr, first, total, err := firstLineStderr(m.start, e.strataCmd(ctx, root, args...), im.Want)
