@@ -474,7 +474,9 @@ func (f *fetcher) fetchRun(ctx context.Context, run []int) {
 		f.st.fetchedFrames.Add(1)
 		f.finish(k, data, nil) // readers go on while the frame is cached
 		if f.cache != nil {
-			if err := f.cache.PutFrame(ctx, fr.Digest, cb); err != nil {
+			// Fetched and verified: cached even when Close is cancelling
+			// the fetches.
+			if err := f.cache.PutFrame(context.WithoutCancel(ctx), fr.Digest, cb); err != nil {
 				f.log.Debug("layerfs: frame not cached", "frame", k, "err", err)
 			}
 		}
