@@ -3,15 +3,18 @@ package integration
 import (
 	"archive/tar"
 	"context"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/ocilayout"
 	"github.com/strata-oci/strata/internal/testenv"
 )
@@ -50,4 +53,24 @@ func TestRegistryAuth(t *testing.T) {
 	if out, err := runErr(ctx, "skopeo", "delete", "--tls-verify=false", dest); err == nil {
 		t.Fatalf("anonymous delete succeeded:\n%s", out)
 	}
+	// Storing a start-up profile is a push: refused without credentials,
+	// whatever the body (the check comes before the content is read).
+	m := digest.FromString("any manifest")
+	resp, err := http.DefaultClient.Do(mustRequest(t, http.MethodPut, "http://"+reg.Addr+api.ProfilePath("auth/img", m), `{"version":1}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("anonymous PUT of a start-up profile: %s, want 401", resp.Status)
+	}
+}
+
+func mustRequest(t *testing.T, method, url, body string) *http.Request {
+	t.Helper()
+	r, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }

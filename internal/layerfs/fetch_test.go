@@ -64,29 +64,13 @@ func (s *countingSource) ReadAt(ctx context.Context, off, n int64) ([]byte, erro
 // sixFrames is a layer of one incompressible file of six frames.
 func sixFrames(t *testing.T) (*layerindex.Index, []byte, []byte) {
 	t.Helper()
-	content := make([]byte, 6*layerindex.FrameSize)
-	r := rand.New(rand.NewPCG(1, 2))
-	for i := range content {
-		content[i] = byte(r.Uint32())
-	}
-	var tb bytes.Buffer
-	tw := tar.NewWriter(&tb)
-	tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "f", Size: int64(len(content)), Mode: 0o644})
-	tw.Write(content)
-	tw.Close()
-	var data bytes.Buffer
-	ix, err := layerindex.Build(context.Background(), &tb, &data, layerindex.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ix, data, content := manyFrames(t, 6)
 	if len(ix.Frames) != 6 {
 		t.Fatalf("%d frames, want 6", len(ix.Frames))
 	}
-	return ix, data.Bytes(), content
+	return ix, data, content
 }
 
-// newTestFetcher makes a fetcher; unless opts asks for one, without a miss
-// window, so tests see exactly the frames they read fetched.
 func newTestFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*fetcher, *counters) {
 	if opts.MissWindow == 0 {
 		opts.MissWindow = -1
