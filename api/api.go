@@ -80,6 +80,11 @@ type ProfileLayer struct {
 	Data  digest.Digest `json:"data"`
 	// Frames are indexes into the index's frame table.
 	Frames []int `json:"frames"`
+	// Ranges, if present, are the byte ranges [offset, length] of those
+	// frames in the data blob, in the same order, so a node can start
+	// fetching them before it has the index (it verifies them once it
+	// has).
+	Ranges [][2]int64 `json:"ranges,omitempty"`
 }
 
 // Error codes the extension adds to the distribution spec's table.

@@ -82,6 +82,14 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 				return fmt.Errorf("%w: negative frame index", ErrBadProfile)
 			}
 		}
+		if l.Ranges != nil && len(l.Ranges) != len(l.Frames) {
+			return fmt.Errorf("%w: layer %s: %d ranges for %d frames", ErrBadProfile, l.Layer, len(l.Ranges), len(l.Frames))
+		}
+		for _, r := range l.Ranges {
+			if r[0] < 0 || r[1] <= 0 || r[0]+r[1] > md.Data.Size || r[0]+r[1] < r[0] {
+				return fmt.Errorf("%w: layer %s: range %v outside the data blob", ErrBadProfile, l.Layer, r)
+			}
+		}
 		if n += len(l.Frames); n > maxProfileFrames {
 			return fmt.Errorf("%w: more than %d frames", ErrBadProfile, maxProfileFrames)
 		}

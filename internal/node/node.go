@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -101,6 +102,8 @@ type Manager struct {
 	recordings map[string]*profileRecording
 	// decoded indexes saved by a pull, for the mount that follows
 	decoded map[digest.Digest]*layerindex.Index
+	// data blob parts fetched from start-up profiles before the indexes
+	early   map[digest.Digest]*earlyBlob
 	uploads sync.WaitGroup
 }
 
@@ -204,7 +207,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		plain: map[string]bool{}, info: map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{}, recordings: map[string]*profileRecording{},
-		decoded: map[digest.Digest]*layerindex.Index{},
+		decoded: map[digest.Digest]*layerindex.Index{}, early: map[digest.Digest]*earlyBlob{},
 	}
 	m.client = opts.Remote(m.isPlain)
 	m.cleanStale()
@@ -319,6 +322,15 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 					switch {
 					case err == nil && p.Version == layerindex.Version:
 						profile = p
+						// Its frames are fetched now, alongside the
+						// indexes, not once they are there.
+						if m.opts.Profiles != ProfilesOff {
+							for _, pl := range p.Layers {
+								if slices.ContainsFunc(man.Layers, func(d ocispec.Descriptor) bool { return d.Digest == pl.Layer }) {
+									m.fetchEarly(r.Repository, pl)
+								}
+							}
+						}
 					case errors.Is(err, remote.ErrNotFound):
 						unprofiled = true
 					case err != nil:
@@ -848,7 +860,7 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 		return err
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
-	src := &blobSource{client: m.client, repo: repo, digest: ix.Data}
+	src := &blobSource{m: m, client: m.client, repo: repo, digest: ix.Data}
 	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{
 		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
 		Prefetch: profileFrames(p, d.Digest, ix.Data),
@@ -927,12 +939,20 @@ func (m *Manager) Close(ctx context.Context) {
 
 // blobSource reads a data blob's bytes with ranged GETs.
 type blobSource struct {
+	m      *Manager
 	client *remote.Client
 	repo   remote.Repository
 	digest digest.Digest
 }
 
 func (s *blobSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
+	if s.m != nil {
+		if eb := s.m.earlyFor(s.digest); eb != nil {
+			if b, ok := eb.read(ctx, off, n); ok {
+				return b, nil
+			}
+		}
+	}
 	return s.client.ReadRange(ctx, s.repo, s.digest, off, n)
 }
 

@@ -92,7 +92,12 @@ func (m *Manager) finishRecording(id string) {
 			continue
 		}
 		n += len(frames)
-		p.Layers = append(p.Layers, api.ProfileLayer{Layer: l.digest, Data: fs.Index().Data, Frames: frames})
+		ranges := make([][2]int64, len(frames))
+		for i, k := range frames {
+			fr := &fs.Index().Frames[k]
+			ranges[i] = [2]int64{fr.COffset, fr.CSize}
+		}
+		p.Layers = append(p.Layers, api.ProfileLayer{Layer: l.digest, Data: fs.Index().Data, Frames: frames, Ranges: ranges})
 	}
 	if n == 0 {
 		return
