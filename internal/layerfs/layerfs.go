@@ -398,8 +398,8 @@ func (f *FS) Stats() Stats {
 // Prefetch starts fetching the frames ks of the data blob (indexes into
 // the index's frame table, first wanted first; others are ignored) that
 // are neither in memory nor in the cache, with Options.PrefetchStreams
-// concurrent requests, and returns at once. Reads of those frames wait for these fetches instead of
-// making their own.
+// concurrent requests, and returns at once. Reads of those frames wait for
+// these fetches instead of making their own.
 //
 // A prefetch is taken to be a start-up profile: for profileWindow after
 // it, sequential reads do not prefetch further (the profile already lists
