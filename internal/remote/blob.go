@@ -1,11 +1,15 @@
 package remote
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"mime"
+	"mime/multipart"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -261,3 +265,126 @@ func parseContentRange(v string) (start, end, size int64, err error) {
 	}
 	return start, end, size, nil
 }
+
+// ReadRanges reads several byte ranges [off, off+n) of a blob with one
+// request (an HTTP multi-range request, answered with multipart/byteranges
+// in the order asked) and hands each range to got as soon as its bytes
+// have arrived, once per range, in the order they arrive. Ranges may not
+// overlap. A registry may join ranges into larger parts; a part is taken
+// for every range it covers. It fails with an error wrapping
+// ErrUnsupported, before any range is handed over, when the registry
+// answers with the whole blob (it does not serve multiple ranges); with
+// another error when ranges are missing once the response ended (the
+// ranges handed over stay handed over). Retries ask for every range again
+// and hand over only those not handed over yet.
+func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Digest, ranges [][2]int64, got func(i int, b []byte)) error {
+	if err := dgst.Validate(); err != nil {
+		return fmt.Errorf("read ranges of blob %q: %w", dgst, err)
+	}
+	if len(ranges) == 0 {
+		return nil
+	}
+	var spec strings.Builder
+	spec.WriteString("bytes=")
+	byStart := make(map[int64]int, len(ranges))
+	for i, r := range ranges {
+		if r[0] < 0 || r[1] <= 0 {
+			return fmt.Errorf("read ranges of blob %s: bad range offset %d length %d", dgst, r[0], r[1])
+		}
+		if _, dup := byStart[r[0]]; dup {
+			return fmt.Errorf("read ranges of blob %s: range at %d asked twice", dgst, r[0])
+		}
+		byStart[r[0]] = i
+		if i > 0 {
+			spec.WriteByte(',')
+		}
+		fmt.Fprintf(&spec, "%d-%d", r[0], r[0]+r[1]-1)
+	}
+	sorted := slices.Clone(ranges)
+	slices.SortFunc(sorted, func(a, b [2]int64) int { return cmp.Compare(a[0], b[0]) })
+	for i := 1; i < len(sorted); i++ {
+		if sorted[i-1][0]+sorted[i-1][1] > sorted[i][0] {
+			return fmt.Errorf("read ranges of blob %s: ranges overlap at %d", dgst, sorted[i][0])
+		}
+	}
+	handed := make([]bool, len(ranges))
+	left := len(ranges)
+	// take hands over every range that part [start, start+len(b)) covers.
+	take := func(start int64, b []byte) {
+		end := start + int64(len(b))
+		lo, _ := slices.BinarySearchFunc(sorted, start, func(r [2]int64, off int64) int { return cmp.Compare(r[0], off) })
+		for _, r := range sorted[lo:] {
+			if r[0]+r[1] > end {
+				break
+			}
+			if i := byStart[r[0]]; !handed[i] {
+				handed[i] = true
+				left--
+				got(i, b[r[0]-start:r[0]-start+r[1]])
+			}
+		}
+	}
+	_, err := c.send(ctx, request{
+		method:   http.MethodGet,
+		registry: repo.Registry,
+		path:     blobPath(repo, dgst),
+		scope:    repo.scope(),
+		header:   http.Header{"Range": {spec.String()}},
+		accept:   []int{http.StatusOK, http.StatusPartialContent},
+		timeout:  c.opts.RangeTimeout,
+		read: func(resp *http.Response) error {
+			if resp.StatusCode != http.StatusPartialContent {
+				return fmt.Errorf("%w: the registry answered a multi-range request with the whole blob", ErrUnsupported)
+			}
+			mt, params, err := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+			if err != nil || mt != "multipart/byteranges" {
+				// One part: the registry joined the ranges, or one was asked.
+				s, e, _, err := parseContentRange(resp.Header.Get("Content-Range"))
+				if err != nil {
+					return fmt.Errorf("%w: %v", ErrInvalidResponse, err)
+				}
+				if e-s+1 > maxRangePart {
+					return fmt.Errorf("%w: part of %d bytes", ErrInvalidResponse, e-s+1)
+				}
+				b := make([]byte, e-s+1)
+				if _, err := io.ReadFull(resp.Body, b); err != nil {
+					return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
+				}
+				take(s, b)
+				return nil
+			}
+			mr := multipart.NewReader(resp.Body, params["boundary"])
+			for {
+				part, err := mr.NextPart()
+				if err == io.EOF {
+					return nil
+				}
+				if err != nil {
+					return fmt.Errorf("read multipart/byteranges: %w", err)
+				}
+				s, e, _, err := parseContentRange(part.Header.Get("Content-Range"))
+				if err != nil {
+					return fmt.Errorf("%w: part: %v", ErrInvalidResponse, err)
+				}
+				if e-s+1 > maxRangePart {
+					return fmt.Errorf("%w: part of %d bytes", ErrInvalidResponse, e-s+1)
+				}
+				b := make([]byte, e-s+1)
+				if _, err := io.ReadFull(part, b); err != nil {
+					return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
+				}
+				take(s, b)
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("read ranges of blob %s: %w", dgst, err)
+	}
+	if left > 0 {
+		return fmt.Errorf("read ranges of blob %s: %w: %d of %d ranges missing from the response", dgst, ErrInvalidResponse, left, len(ranges))
+	}
+	return nil
+}
+
+// maxRangePart bounds one part of a multi-range response read into memory.
+const maxRangePart = 64 << 20

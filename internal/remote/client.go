@@ -104,6 +104,7 @@ type Client struct {
 	http      *http.Client
 	userAgent string
 	auth      authState
+	pool      *connPool // nil: the caller's Transport
 }
 
 // New returns a client.
@@ -132,6 +133,8 @@ func New(opts Options) *Client {
 		// connections for the next requests instead of the default 2.
 		t.MaxIdleConnsPerHost = 32
 		t.MaxConnsPerHost = 32
+		c.pool = &connPool{dialer: &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}, conns: map[string][]net.Conn{}}
+		t.DialContext = c.pool.dial
 		tr = t
 	}
 	c.http = &http.Client{Transport: tr}

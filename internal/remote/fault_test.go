@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/textproto"
 	"strings"
 	"sync"
 	"testing"
@@ -458,6 +460,87 @@ func TestReadRangeResponses(t *testing.T) {
 				t.Log(err)
 			} else if err != nil || string(got) != tt.want {
 				t.Fatalf("ReadRange = %q, %v; want %q", got, err, tt.want)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if hits != tt.hits {
+				t.Errorf("%d requests, want %d", hits, tt.hits)
+			}
+		})
+	}
+}
+
+func TestReadRangesResponses(t *testing.T) {
+	data := []byte("0123456789abcdefghijklmnopqrstuvwxyz")
+	d := digest.FromBytes(data)
+	ranges := [][2]int64{{20, 3}, {10, 5}} // "klm", "abcde"
+	writeParts := func(w http.ResponseWriter, parts [][2]int, broken bool) {
+		mw := multipart.NewWriter(w)
+		w.Header().Set("Content-Type", "multipart/byteranges; boundary="+mw.Boundary())
+		w.WriteHeader(http.StatusPartialContent)
+		for i, p := range parts {
+			pw, _ := mw.CreatePart(textproto.MIMEHeader{"Content-Range": {fmt.Sprintf("bytes %d-%d/%d", p[0], p[1], len(data))}})
+			pw.Write(data[p[0] : p[1]+1])
+			if broken && i == 0 {
+				w.(http.Flusher).Flush()
+				panic(http.ErrAbortHandler)
+			}
+		}
+		mw.Close()
+	}
+	tests := []struct {
+		name    string
+		handler func(w http.ResponseWriter, r *http.Request, n int)
+		want    string // ranges handed over, by index, joined with "|"
+		err     error  // nil: success; else errors.Is
+		hits    int
+	}{
+		{"multipart in the order asked", func(w http.ResponseWriter, r *http.Request, n int) {
+			writeParts(w, [][2]int{{20, 22}, {10, 14}}, false)
+		}, "0:klm|1:abcde", nil, 1},
+		{"multipart in another order", func(w http.ResponseWriter, r *http.Request, n int) {
+			writeParts(w, [][2]int{{10, 14}, {20, 22}}, false)
+		}, "1:abcde|0:klm", nil, 1},
+		{"one part covering both", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes 10-22/%d", len(data)))
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(data[10:23])
+		}, "1:abcde|0:klm", nil, 1},
+		{"a part missing", func(w http.ResponseWriter, r *http.Request, n int) {
+			writeParts(w, [][2]int{{20, 22}}, false)
+		}, "0:klm", remote.ErrInvalidResponse, 1},
+		{"broken after the first part, then whole", func(w http.ResponseWriter, r *http.Request, n int) {
+			writeParts(w, [][2]int{{20, 22}, {10, 14}}, n == 1)
+		}, "0:klm|1:abcde", nil, 2},
+		{"200 with the whole blob", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Write(data)
+		}, "", remote.ErrUnsupported, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var mu sync.Mutex
+			hits := 0
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.Header.Get("Range") != "bytes=20-22,10-14" {
+					t.Errorf("Range = %q", r.Header.Get("Range"))
+				}
+				mu.Lock()
+				hits++
+				n := hits
+				mu.Unlock()
+				tt.handler(w, r, n)
+			}))
+			defer srv.Close()
+			c := newClient(t, remote.Options{})
+			var got []string
+			err := c.ReadRanges(context.Background(), parseRef(t, hostOf(srv)+"/a/b").Repository, d, ranges, func(i int, b []byte) {
+				got = append(got, fmt.Sprintf("%d:%s", i, b))
+			})
+			if tt.err == nil && err != nil || tt.err != nil && !errors.Is(err, tt.err) {
+				t.Fatalf("ReadRanges: %v, want %v", err, tt.err)
+			}
+			if s := strings.Join(got, "|"); s != tt.want {
+				t.Errorf("handed over %q, want %q", s, tt.want)
 			}
 			mu.Lock()
 			defer mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 
@@ -260,4 +261,43 @@ func descsOf(ps []ocispec.Platform) []ocispec.Descriptor {
 		ds = append(ds, ocispec.Descriptor{Platform: &ps[i]})
 	}
 	return ds
+}
+
+func TestReadRanges(t *testing.T) {
+	base, host := newRegistry(t)
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i * 7 / 3)
+	}
+	desc := pushBlob(t, base, "test/ranges", ocispec.MediaTypeImageLayer, data)
+	repo := parseRef(t, host+"/test/ranges").Repository
+	c := newClient(t, remote.Options{})
+	// Not in offset order: the registry answers in the order asked.
+	ranges := [][2]int64{{900_000, 4096}, {0, 1}, {500_000, 65_536}, {1<<20 - 10, 10}, {4096, 100}}
+	var order []int
+	err := c.ReadRanges(context.Background(), repo, desc.Digest, ranges, func(i int, b []byte) {
+		order = append(order, i)
+		r := ranges[i]
+		if !bytes.Equal(b, data[r[0]:r[0]+r[1]]) {
+			t.Errorf("range %d (%d+%d): other bytes", i, r[0], r[1])
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{0, 1, 2, 3, 4}; !slices.Equal(order, want) {
+		t.Errorf("ranges handed over in order %v, want %v", order, want)
+	}
+	for name, bad := range map[string][][2]int64{
+		"overlap":      {{0, 100}, {50, 100}},
+		"twice":        {{0, 100}, {0, 100}},
+		"zero length":  {{10, 0}},
+		"past the end": {{1<<20 - 10, 20}},
+		"negative":     {{-1, 10}},
+	} {
+		err := c.ReadRanges(context.Background(), repo, desc.Digest, bad, func(int, []byte) {})
+		if err == nil {
+			t.Errorf("%s: ReadRanges succeeded, want an error", name)
+		}
+	}
 }
