@@ -85,6 +85,11 @@ type ProfileLayer struct {
 	// fetching them before it has the index (it verifies them once it
 	// has).
 	Ranges [][2]int64 `json:"ranges,omitempty"`
+	// Ranks, if present, are the places of those frames, in the same
+	// order, in the order the image's frames were first read across all
+	// its layers (0 first), so a node can fetch the frames of every layer
+	// in the order they will be needed.
+	Ranks []int `json:"ranks,omitempty"`
 }
 
 // Error codes the extension adds to the distribution spec's table.

@@ -85,12 +85,22 @@ func TestStartupProfile(t *testing.T) {
 			t.Fatalf("no profile stored after the first start (GET %d)", code)
 		}
 	}
-	if len(p.Layers) != 1 || len(p.Layers[0].Frames) == 0 {
+	pl := p.Layers[0]
+	if len(p.Layers) != 1 || len(pl.Frames) == 0 || len(pl.Ranges) != len(pl.Frames) || len(pl.Ranks) != len(pl.Frames) {
 		t.Fatalf("profile %+v", p)
 	}
+	var profiled int64
+	for _, r := range pl.Ranges {
+		profiled += r[1]
+	}
 	with := start("--startup-profiles", "use")
-	t.Logf("bytes fetched: without a profile %d, recording one %d, with it %d (%d frames)", without, recording, with, len(p.Layers[0].Frames))
+	t.Logf("bytes fetched: without a profile %d, recording one %d, with it %d (%d frames, %d bytes)", without, recording, with, len(pl.Frames), profiled)
 	if with >= without {
 		t.Errorf("a node with the profile fetched %d bytes, not less than %d without", with, without)
+	}
+	// The profiled frames are fetched once, ahead (the index, manifest
+	// and config are the rest): a read of them does not fetch them again.
+	if limit := profiled*5/4 + 1<<20; with > limit {
+		t.Errorf("a node with the profile fetched %d bytes, more than %d (the profile's %d bytes, a quarter more, and 1 MiB)", with, limit, profiled)
 	}
 }

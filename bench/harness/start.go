@@ -138,6 +138,9 @@ func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
 	var s report.Sample
+	if os.Getenv("STRATA_BENCH_LOGS") != "" {
+		flags = append([]string{"--log-level", "debug"}, flags...)
+	}
 	// The node daemon is started before the clock, with the same global
 	// flags, as containerd and the stargz snapshotter are for theirs: a
 	// node runs its agent before it is asked to start a container.
@@ -252,6 +255,11 @@ func (e *env) strataFallback(ctx context.Context, im *image, id string) report.S
 
 // removeNode stops the node daemon of root and removes everything of it.
 func (e *env) removeNode(root string) {
+	if d := os.Getenv("STRATA_BENCH_LOGS"); d != "" {
+		if b, err := os.ReadFile(filepath.Join(root, "daemon.log")); err == nil {
+			os.WriteFile(filepath.Join(d, filepath.Base(root)+".log"), b, 0o644)
+		}
+	}
 	if b, err := os.ReadFile(filepath.Join(root, "daemon.pid")); err == nil {
 		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
 			syscall.Kill(pid, syscall.SIGINT)

@@ -48,7 +48,8 @@ func (s *Service) Profile(ctx context.Context, repo string, m digest.Digest) ([]
 // PutProfile checks and stores the start-up profile p of manifest m in
 // repo, replacing any before it. Every layer it names must be a layer of
 // the image whose expansion has data blob Data; frame indexes must not be
-// negative and are not more than maxProfileFrames in all. A profile that
+// negative and are not more than maxProfileFrames in all; ranges must be in
+// the data blob; ranks, if given, number all frames from 0. A profile that
 // fails is refused with an error wrapping ErrBadProfile (or
 // store.ErrManifestUnknown).
 func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, p *api.Profile) error {
@@ -90,8 +91,27 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 				return fmt.Errorf("%w: layer %s: range %v outside the data blob", ErrBadProfile, l.Layer, r)
 			}
 		}
+		if l.Ranks != nil && len(l.Ranks) != len(l.Frames) {
+			return fmt.Errorf("%w: layer %s: %d ranks for %d frames", ErrBadProfile, l.Layer, len(l.Ranks), len(l.Frames))
+		}
 		if n += len(l.Frames); n > maxProfileFrames {
 			return fmt.Errorf("%w: more than %d frames", ErrBadProfile, maxProfileFrames)
+		}
+	}
+	// Ranks, where given, number all the frames listed from 0, each once.
+	var ranks []int
+	for _, l := range p.Layers {
+		ranks = append(ranks, l.Ranks...)
+	}
+	if len(ranks) > 0 {
+		if len(ranks) != n {
+			return fmt.Errorf("%w: ranks given for some layers only", ErrBadProfile)
+		}
+		slices.Sort(ranks)
+		for i, r := range ranks {
+			if r != i {
+				return fmt.Errorf("%w: ranks are not 0 to %d, each once", ErrBadProfile, n-1)
+			}
 		}
 	}
 	b, err := json.Marshal(p)

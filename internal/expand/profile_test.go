@@ -28,7 +28,7 @@ func TestProfileAPI(t *testing.T) {
 	if code, _, body := req(t, "GET", url, nil); code != http.StatusNotFound || !json.Valid(body) {
 		t.Fatalf("GET before any profile: %d %s", code, body)
 	}
-	good := api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{3, 0, 1}, Ranges: [][2]int64{{30, 10}, {0, 10}, {10, 10}}}}}
+	good := api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{3, 0, 1}, Ranges: [][2]int64{{30, 10}, {0, 10}, {10, 10}}, Ranks: []int{0, 1, 2}}}}
 	put := func(p any, u string) (int, []byte) {
 		b, _ := json.Marshal(p)
 		code, _, body := req(t, "PUT", u, b, "Content-Type", "application/json")
@@ -45,6 +45,9 @@ func TestProfileAPI(t *testing.T) {
 		"format version":           {api.Profile{Version: 99}, 400},
 		"ranges for other frames":  {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0, 1}, Ranges: [][2]int64{{0, 10}}}}}, 400},
 		"range past the blob":      {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0}, Ranges: [][2]int64{{md.Data.Size - 1, 10}}}}}, 400},
+		"ranks for other frames":   {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0, 1}, Ranks: []int{0}}}}, 400},
+		"a rank twice":             {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0, 1}, Ranks: []int{0, 0}}}}, 400},
+		"ranks not from 0":         {api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0, 1}, Ranks: []int{1, 2}}}}, 400},
 		"not JSON":                 {"[", 400},
 	} {
 		if code, body := put(tc.p, url); code != tc.want {

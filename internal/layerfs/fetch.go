@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/strata-oci/strata/internal/cache"
@@ -45,11 +46,18 @@ type fetcher struct {
 	closed bool
 }
 
-// A recording lists the frames read, in the order first read.
+// A recording lists the frames read, in the order first read, each with
+// its place in readSeq.
 type recording struct {
 	seen  map[int]bool
 	order []int
+	seq   []uint64
 }
+
+// readSeq orders the first reads of frames across the recordings of every
+// FS of the process, so that the recordings of an image's layers can be
+// merged into one order.
+var readSeq atomic.Uint64
 
 // failMemory is how long the failure of a frame's flight is the answer for
 // that frame without trying again: the kernel retries a failed readahead
@@ -111,6 +119,7 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 			if !r.seen[k] {
 				r.seen[k] = true
 				r.order = append(r.order, k)
+				r.seq = append(r.seq, readSeq.Add(1))
 			}
 		}
 	}
@@ -215,7 +224,17 @@ func (f *fetcher) cached(k int) bool {
 // concurrent requests, those holding the first-wanted frames first.
 func (f *fetcher) prefetchList(ks []int) {
 	rank := make(map[int]int, len(ks))
-	var want []int
+	var want, solo []int
+	// Frames whose bytes are on their way to the source already are read
+	// one by one, each as soon as it is there, not joined into runs.
+	pending := map[int]bool{}
+	if ps, ok := f.src.(PendingSource); ok {
+		for _, k := range ks {
+			if k >= 0 && k < len(f.ix.Frames) && ps.Pending(f.ix.Frames[k].COffset, f.ix.Frames[k].CSize) {
+				pending[k] = true
+			}
+		}
+	}
 	f.mu.Lock()
 	missing := func(k int) bool {
 		if f.mem.has(k) || f.inflight[k] != nil || f.cached(k) {
@@ -229,7 +248,11 @@ func (f *fetcher) prefetchList(ks []int) {
 			continue
 		}
 		rank[k] = len(rank)
-		if missing(k) {
+		switch {
+		case !missing(k):
+		case pending[k]:
+			solo = append(solo, k)
+		default:
 			want = append(want, k)
 		}
 	}
@@ -256,11 +279,24 @@ func (f *fetcher) prefetchList(ks []int) {
 	for _, k := range mine {
 		f.inflight[k] = &flight{done: make(chan struct{})}
 	}
+	for _, k := range solo {
+		f.inflight[k] = &flight{done: make(chan struct{})}
+	}
 	closed := f.closed
 	if !closed {
-		f.fills.Add(1)
+		f.fills.Add(1 + len(solo))
 	}
 	f.mu.Unlock()
+	for _, k := range solo {
+		if closed {
+			f.finish(k, nil, errClosed)
+			continue
+		}
+		go func() {
+			defer f.fills.Done()
+			f.fill([]int{k})
+		}()
+	}
 	if len(mine) == 0 {
 		if !closed {
 			f.fills.Done()
@@ -306,7 +342,7 @@ func (f *fetcher) prefetchList(ks []int) {
 const prefetchPiece = 1 << 20
 
 // startRecording starts listing the frames read; stopRecording ends it and
-// returns them in the order first read.
+// returns them in the order first read, with their places in readSeq.
 func (f *fetcher) startRecording() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -315,15 +351,15 @@ func (f *fetcher) startRecording() {
 	}
 }
 
-func (f *fetcher) stopRecording() []int {
+func (f *fetcher) stopRecording() ([]int, []uint64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.rec == nil {
-		return nil
+		return nil, nil
 	}
-	out := f.rec.order
+	r := f.rec
 	f.rec = nil
-	return out
+	return r.order, r.seq
 }
 
 // prefetch starts flights for the frames first to last that are not in

@@ -323,10 +323,14 @@ func TestFetcherPrefetchListAndRecording(t *testing.T) {
 		}
 	}
 	f.prefetch(31, 32) // prefetches are not reads
-	if got, want := f.stopRecording(), []int{7, 3, 30}; !slices.Equal(got, want) {
-		t.Errorf("recorded %v, want %v (first-read order)", got, want)
+	recorded, seq := f.stopRecording()
+	if want := []int{7, 3, 30}; !slices.Equal(recorded, want) {
+		t.Errorf("recorded %v, want %v (first-read order)", recorded, want)
 	}
-	if f.stopRecording() != nil {
+	if len(seq) != len(recorded) || !slices.IsSorted(seq) || seq[0] == seq[1] || seq[1] == seq[2] {
+		t.Errorf("sequence numbers %v, want %d increasing", seq, len(recorded))
+	}
+	if again, _ := f.stopRecording(); again != nil {
 		t.Error("a stopped recording returns frames again")
 	}
 	waitIdle(t, f)
@@ -416,4 +420,84 @@ func (s *orderSource) offsets() []int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.offs)
+}
+
+// pendingSource is a source whose frames 2, 3 and 4 are on their way, and
+// arrive when released.
+type pendingSource struct {
+	countingSource
+	ix      *layerindex.Index
+	release map[int64]chan struct{} // by frame offset
+	reads   sync.Map                // offset → length of each read
+}
+
+func (s *pendingSource) Pending(off, n int64) bool {
+	_, ok := s.release[off]
+	return ok && n == s.ix.Frames[s.frameAt(off)].CSize
+}
+
+func (s *pendingSource) frameAt(off int64) int {
+	for k, fr := range s.ix.Frames {
+		if fr.COffset == off {
+			return k
+		}
+	}
+	return -1
+}
+
+func (s *pendingSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
+	s.reads.Store(off, n)
+	if ch, ok := s.release[off]; ok {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return s.countingSource.ReadAt(ctx, off, n)
+}
+
+func TestFetcherPrefetchPending(t *testing.T) {
+	ix, data, content := manyFrames(t, 8)
+	src := &pendingSource{countingSource: countingSource{data: data}, ix: ix, release: map[int64]chan struct{}{}}
+	for _, k := range []int{2, 3, 4} {
+		src.release[ix.Frames[k].COffset] = make(chan struct{})
+	}
+	f, _ := newTestFetcher(ix, src, nil, Options{})
+	defer f.close()
+	f.prefetchList([]int{4, 3, 2, 5, 6})
+	// Pending frames are read one by one: frame 4 is there as soon as its
+	// bytes are, whatever 2 and 3 do.
+	close(src.release[ix.Frames[4].COffset])
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := f.frames(ctx, 4, 4)
+	if err != nil {
+		t.Fatalf("frame 4 waited for the other pending frames: %v", err)
+	}
+	checkFrames(t, ix, content, 4, got)
+	close(src.release[ix.Frames[2].COffset])
+	close(src.release[ix.Frames[3].COffset])
+	got, err = f.frames(ctx, 2, 6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkFrames(t, ix, content, 2, got)
+	// The others were joined into one run as before.
+	want := map[int64]int64{}
+	for _, k := range []int{2, 3, 4} {
+		want[ix.Frames[k].COffset] = ix.Frames[k].CSize
+	}
+	want[ix.Frames[5].COffset] = ix.Frames[5].CSize + ix.Frames[6].CSize
+	n := 0
+	src.reads.Range(func(k, v any) bool {
+		n++
+		if want[k.(int64)] != v.(int64) {
+			t.Errorf("read %d+%d, want the reads %v", k, v, want)
+		}
+		return true
+	})
+	if n != len(want) {
+		t.Errorf("%d reads, want %d", n, len(want))
+	}
 }

@@ -27,12 +27,17 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-oci/strata/internal/cache"
 	"github.com/strata-oci/strata/layerindex"
@@ -43,6 +48,15 @@ import (
 // or an error. It may be called concurrently.
 type Source interface {
 	ReadAt(ctx context.Context, off, n int64) ([]byte, error)
+}
+
+// A PendingSource is a Source that knows which bytes are on their way to
+// it already (fetched ahead, from a start-up profile): reading them costs
+// no request of its own, so a prefetch reads those frames one by one, each
+// as soon as it is there, instead of joining them into runs.
+type PendingSource interface {
+	Source
+	Pending(off, n int64) bool
 }
 
 // Options tune an FS. The zero value gives the defaults.
@@ -212,7 +226,11 @@ type Server struct {
 	fs     *FS
 	dir    string
 	server *fuse.Server
-	ownFS  bool // made by Mount: Unmount closes the FS
+	ownFS  bool   // made by Mount: Unmount closes the FS
+	bdi    string // the mount's read_ahead_kb in sysfs
+
+	mu        sync.Mutex
+	unmounted bool // no SetReadahead: the device number may be reused
 }
 
 // Mount is New followed by FS.Mount.
@@ -275,7 +293,36 @@ func (f *FS) Mount(ctx context.Context, dir string) (*Server, error) {
 	ms.server.Store(server)
 	f.log.Debug("layerfs: mounted", "layer", f.ix.Layer, "dir", dir,
 		"kernel_passthrough", server.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0)
-	return &Server{fs: f, dir: dir, server: server}, nil
+	s := &Server{fs: f, dir: dir, server: server}
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err == nil {
+		s.bdi = fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	}
+	return s, nil
+}
+
+// SetReadahead sets the kernel's readahead on the mount to kb KiB (the
+// read_ahead_kb of its backing device) and returns the value before. Files
+// opened from then on use it, for their reads and for the window the kernel
+// reads around a page fault of a mapped file (an open file keeps the value
+// it was opened with). It fails once the server is unmounted.
+func (s *Server) SetReadahead(kb int) (old int, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unmounted || s.bdi == "" {
+		return 0, fmt.Errorf("readahead of %s: not mounted", s.dir)
+	}
+	b, err := os.ReadFile(s.bdi)
+	if err != nil {
+		return 0, fmt.Errorf("readahead of %s: %w", s.dir, err)
+	}
+	if old, err = strconv.Atoi(strings.TrimSpace(string(b))); err != nil {
+		return 0, fmt.Errorf("readahead of %s: %s: %q", s.dir, s.bdi, b)
+	}
+	if err := os.WriteFile(s.bdi, []byte(strconv.Itoa(kb)), 0); err != nil {
+		return 0, fmt.Errorf("readahead of %s: %w", s.dir, err)
+	}
+	return old, nil
 }
 
 // defaultName names the layer in the file system type: fuse.strata-<hex>.
@@ -298,7 +345,13 @@ func (s *Server) Stats() Stats { return s.fs.Stats() }
 // Unmount unmounts the file system and waits until its server stopped. It
 // fails (EBUSY) while files of the mount are in use.
 func (s *Server) Unmount() error {
+	s.mu.Lock()
+	s.unmounted = true
+	s.mu.Unlock()
 	if err := s.server.Unmount(); err != nil {
+		s.mu.Lock()
+		s.unmounted = false
+		s.mu.Unlock()
 		return fmt.Errorf("unmount %s: %w", s.dir, err)
 	}
 	if s.ownFS {
@@ -437,11 +490,13 @@ const profileWindow = 10 * time.Second
 
 // StartRecording starts listing the frames that reads need (from the
 // source, the cache or memory alike); StopRecording ends the recording and
-// returns them in the order first needed. Prefetches are not reads.
+// returns them in the order first needed, each with a sequence number that
+// orders first reads across all the FSs of the process (so the recordings
+// of several layers merge into one order). Prefetches are not reads.
 func (f *FS) StartRecording() { f.fetch.startRecording() }
 
 // StopRecording: see StartRecording.
-func (f *FS) StopRecording() []int { return f.fetch.stopRecording() }
+func (f *FS) StopRecording() (frames []int, seq []uint64) { return f.fetch.stopRecording() }
 
 // Index returns the index the FS presents.
 func (f *FS) Index() *layerindex.Index { return f.ix }

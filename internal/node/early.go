@@ -1,24 +1,29 @@
 package node
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"slices"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/remote"
 )
 
-// An earlyBlob holds parts of a data blob fetched, from a start-up
-// profile's ranges, before the layer's index arrived. The layer's reads
-// take them from here (blobSource) instead of asking the registry again;
-// the layer file system verifies them against the index like any bytes.
+// An earlyBlob holds the frames of a data blob that a start-up profile
+// lists, fetched before the layer's index arrived. The layer's reads take
+// them from here (blobSource) instead of asking the registry again; the
+// layer file system verifies them against the index like any bytes.
 type earlyBlob struct {
-	pieces []*earlyPiece // by offset
+	pieces []*earlyPiece // by offset, not overlapping
 }
 
+// An earlyPiece is one range of the blob (a frame); done is closed when b
+// or err is set.
 type earlyPiece struct {
 	off, n int64
 	done   chan struct{}
@@ -26,86 +31,217 @@ type earlyPiece struct {
 	err    error
 }
 
-// earlyPieceMax bounds one early request; earlyStreams the requests in
-// flight for one blob.
+func (p *earlyPiece) finish(b []byte, err error) {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.b, p.err = b, err
+	close(p.done)
+}
+
+// The early fetch of a profile goes out in requests of up to earlyChunkMax
+// bytes (several ranges of one blob each, in one multi-range request),
+// first-read first. Before the image's indexes are in, only earlyHead
+// bytes go out: an index is needed before any frame, and while its request
+// is on its way, a head of frames keeps the link busy; then earlyStreams
+// requests are kept in flight. A chunk takes no frame read more than
+// earlyStale bytes (of the whole profile) after its first, so a blob that
+// is read rarely does not pull late frames forward. Pieces are kept
+// earlyKeep.
 const (
-	earlyPieceMax = 1 << 20
-	earlyStreams  = 6
+	earlyHead     = 256 << 10
+	earlyChunkMax = 256 << 10
+	earlyStale    = 1 << 20
+	earlyStreams  = 4
+	earlyGate     = 30 * time.Second
 	earlyKeep     = time.Minute
 )
 
-// fetchEarly starts fetching the ranges profile layer pl lists from the
-// data blob in repo, first-wanted first, and keeps them for earlyKeep.
-func (m *Manager) fetchEarly(repo remote.Repository, pl api.ProfileLayer) {
-	if len(pl.Ranges) == 0 || len(pl.Ranges) != len(pl.Frames) {
-		return
-	}
+// An earlyChunk is one request of an early fetch.
+type earlyChunk struct {
+	blob   digest.Digest
+	pieces []*earlyPiece // first-read first
+	first  int           // place of its first piece in the profile's order
+	bytes  int64
+}
+
+// fetchEarly starts fetching the frames profile p lists for the layers of
+// the image, from repo, in the order the image's containers first read
+// them (the profile's ranks; without them, layer by layer), and keeps them
+// for earlyKeep. Beyond a head, the requests wait for indexes to be
+// closed (the image's indexes are in).
+func (m *Manager) fetchEarly(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) {
+	var items []earlyItem
 	m.mu.Lock()
-	if _, ok := m.early[pl.Data]; ok {
-		m.mu.Unlock()
-		return
-	}
-	rank := make(map[int64]int, len(pl.Ranges))
-	rs := make([][2]int64, 0, len(pl.Ranges))
-	for i, r := range pl.Ranges {
-		if _, seen := rank[r[0]]; !seen && r[1] > 0 {
-			rank[r[0]] = i
-			rs = append(rs, r)
+	for _, pl := range p.Layers {
+		if len(pl.Ranges) == 0 || len(pl.Ranges) != len(pl.Frames) || m.early[pl.Data] != nil ||
+			!slices.ContainsFunc(layers, func(d ocispec.Descriptor) bool { return d.Digest == pl.Layer }) {
+			continue
 		}
-	}
-	slices.SortFunc(rs, func(a, b [2]int64) int { return int(a[0] - b[0]) })
-	// Adjacent ranges join into pieces of at most earlyPieceMax bytes.
-	eb := &earlyBlob{}
-	first := map[*earlyPiece]int{}
-	for _, r := range rs {
-		if len(eb.pieces) > 0 {
-			p := eb.pieces[len(eb.pieces)-1]
-			if p.off+p.n == r[0] && p.n+r[1] <= earlyPieceMax {
-				p.n += r[1]
-				first[p] = min(first[p], rank[r[0]])
+		ranked := len(pl.Ranks) == len(pl.Frames)
+		eb := &earlyBlob{}
+		for i, r := range pl.Ranges {
+			if r[0] < 0 || r[1] <= 0 {
 				continue
 			}
-			if p.off+p.n > r[0] {
-				continue // overlapping ranges: not from a real index
+			rank := i
+			if ranked {
+				rank = pl.Ranks[i]
 			}
+			piece := &earlyPiece{off: r[0], n: r[1], done: make(chan struct{})}
+			eb.pieces = append(eb.pieces, piece)
+			items = append(items, earlyItem{pl.Data, piece, rank})
 		}
-		p := &earlyPiece{off: r[0], n: r[1], done: make(chan struct{})}
-		eb.pieces = append(eb.pieces, p)
-		first[p] = rank[r[0]]
+		slices.SortFunc(eb.pieces, func(a, b *earlyPiece) int { return cmp.Compare(a.off, b.off) })
+		// Ranges that overlap (or repeat) are not from a real index:
+		// only the first is kept.
+		kept := eb.pieces[:0]
+		drop := map[*earlyPiece]bool{}
+		for _, piece := range eb.pieces {
+			if n := len(kept); n > 0 && kept[n-1].off+kept[n-1].n > piece.off {
+				drop[piece] = true
+				continue
+			}
+			kept = append(kept, piece)
+		}
+		eb.pieces = kept
+		items = slices.DeleteFunc(items, func(it earlyItem) bool { return drop[it.p] })
+		m.early[pl.Data] = eb
+		time.AfterFunc(earlyKeep, func() {
+			m.mu.Lock()
+			if m.early[pl.Data] == eb {
+				delete(m.early, pl.Data)
+			}
+			m.mu.Unlock()
+		})
 	}
-	m.early[pl.Data] = eb
 	m.mu.Unlock()
-	time.AfterFunc(earlyKeep, func() {
-		m.mu.Lock()
-		if m.early[pl.Data] == eb {
-			delete(m.early, pl.Data)
-		}
-		m.mu.Unlock()
-	})
-
-	order := slices.Clone(eb.pieces)
-	slices.SortStableFunc(order, func(a, b *earlyPiece) int { return first[a] - first[b] })
-	queue := make(chan *earlyPiece, len(order))
-	for _, p := range order {
-		queue <- p
+	if len(items) == 0 {
+		return
 	}
-	close(queue)
-	for range min(earlyStreams, len(order)) {
-		go func() {
-			for p := range queue {
-				ctx, cancel := context.WithTimeout(context.Background(), attemptTimeout(m.opts.FetchTimeout)+10*time.Second)
-				p.b, p.err = m.client.ReadRange(ctx, repo, pl.Data, p.off, p.n)
-				cancel()
-				close(p.done)
-			}
-		}()
+	chunks := cutChunks(items)
+
+	go func() {
+		var head []*earlyChunk
+		var n int64
+		for len(chunks) > 0 && (len(head) == 0 || n+chunks[0].bytes <= earlyHead) {
+			head = append(head, chunks[0])
+			n += chunks[0].bytes
+			chunks = chunks[1:]
+		}
+		for _, c := range head {
+			go m.fetchChunk(repo, c)
+		}
+		select {
+		case <-indexes:
+		case <-time.After(earlyGate):
+		}
+		queue := make(chan *earlyChunk, len(chunks))
+		for _, c := range chunks {
+			queue <- c
+		}
+		close(queue)
+		for range min(earlyStreams, len(chunks)) {
+			go func() {
+				for c := range queue {
+					m.fetchChunk(repo, c)
+				}
+			}()
+		}
+	}()
+}
+
+// An earlyItem is a frame of a profile to fetch early, with its rank.
+type earlyItem struct {
+	blob digest.Digest
+	p    *earlyPiece
+	rank int
+}
+
+// cutChunks orders items by rank and cuts them into the requests of an
+// early fetch, in the order they go out: each holds frames of one blob, at
+// most earlyChunkMax bytes of them (or one frame), none read more than
+// earlyStale bytes after the chunk's first.
+func cutChunks(items []earlyItem) []*earlyChunk {
+	items = slices.Clone(items)
+	slices.SortStableFunc(items, func(a, b earlyItem) int { return a.rank - b.rank })
+	var chunks []*earlyChunk
+	open := map[digest.Digest]*earlyChunk{}
+	starts := map[*earlyChunk]int64{}
+	var at int64
+	for i, it := range items {
+		c := open[it.blob]
+		if c != nil && (c.bytes+it.p.n > earlyChunkMax || at-starts[c] > earlyStale) {
+			chunks = append(chunks, c)
+			c = nil
+		}
+		if c == nil {
+			c = &earlyChunk{blob: it.blob, first: i}
+			open[it.blob] = c
+			starts[c] = at
+		}
+		c.pieces = append(c.pieces, it.p)
+		c.bytes += it.p.n
+		at += it.p.n
+	}
+	for _, c := range open {
+		chunks = append(chunks, c)
+	}
+	slices.SortFunc(chunks, func(a, b *earlyChunk) int { return a.first - b.first })
+	return chunks
+}
+
+// fetchChunk fetches the pieces of c with one request, each piece ready as
+// soon as its bytes are in; or piece by piece from a registry that does
+// not serve several ranges in one response.
+func (m *Manager) fetchChunk(repo remote.Repository, c *earlyChunk) {
+	ctx, cancel := context.WithTimeout(context.Background(), attemptTimeout(m.opts.FetchTimeout)+10*time.Second)
+	defer cancel()
+	ranges := make([][2]int64, len(c.pieces))
+	for i, p := range c.pieces {
+		ranges[i] = [2]int64{p.off, p.n}
+	}
+	start := time.Now()
+	err := m.client.ReadRanges(ctx, repo, c.blob, ranges, func(i int, b []byte) { c.pieces[i].finish(b, nil) })
+	m.log.Debug("early fetch", "blob", c.blob, "frames", len(c.pieces), "bytes", c.bytes, "took", time.Since(start), "err", err)
+	if errors.Is(err, remote.ErrUnsupported) {
+		for _, p := range c.pieces {
+			p.finish(m.client.ReadRange(ctx, repo, c.blob, p.off, p.n))
+		}
+		return
+	}
+	if err == nil {
+		err = errors.New("range missing from the response")
+	}
+	for _, p := range c.pieces {
+		p.finish(nil, err) // those not handed over
 	}
 }
 
-// read returns bytes [off, off+n) of the blob if early pieces cover all of
-// them, waiting for those pieces; ok is false when they do not, or one
-// failed (the caller asks the registry).
-func (eb *earlyBlob) read(ctx context.Context, off, n int64) (b []byte, ok bool) {
+// covers reports whether pieces that have not failed cover bytes [off,
+// off+n) of the blob (they may still be on their way).
+func (eb *earlyBlob) covers(off, n int64) bool {
+	parts, ok := eb.parts(off, n)
+	if !ok {
+		return false
+	}
+	for _, p := range parts {
+		select {
+		case <-p.done:
+			if p.err != nil {
+				return false
+			}
+		default:
+		}
+	}
+	return true
+}
+
+// parts returns the pieces that cover bytes [off, off+n), in order, or
+// false when they do not cover all of them.
+func (eb *earlyBlob) parts(off, n int64) ([]*earlyPiece, bool) {
 	i, _ := slices.BinarySearchFunc(eb.pieces, off, func(p *earlyPiece, off int64) int {
 		switch {
 		case p.off+p.n <= off:
@@ -125,6 +261,18 @@ func (eb *earlyBlob) read(ctx context.Context, off, n int64) (b []byte, ok bool)
 		at = eb.pieces[i].off + eb.pieces[i].n
 		i++
 	}
+	return parts, true
+}
+
+// read returns bytes [off, off+n) of the blob if early pieces cover all of
+// them, waiting for those pieces; ok is false when they do not, or one
+// failed (the caller asks the registry).
+func (eb *earlyBlob) read(ctx context.Context, off, n int64) (b []byte, ok bool) {
+	parts, ok := eb.parts(off, n)
+	if !ok {
+		return nil, false
+	}
+	end := off + n
 	out := make([]byte, 0, n)
 	for _, p := range parts {
 		select {

@@ -3,7 +3,14 @@ package node
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"slices"
+	"strings"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/api"
 )
 
 func TestEarlyBlobRead(t *testing.T) {
@@ -41,5 +48,67 @@ func TestEarlyBlobRead(t *testing.T) {
 	cancel()
 	if _, ok := (&earlyBlob{pieces: []*earlyPiece{slow}}).read(ctx, 0, 10); ok {
 		t.Error("a cancelled reader got bytes of an unfinished piece")
+	}
+}
+
+func TestCutChunks(t *testing.T) {
+	a, b := digest.FromString("a"), digest.FromString("b")
+	item := func(blob digest.Digest, off, n int64, rank int) earlyItem {
+		return earlyItem{blob: blob, p: &earlyPiece{off: off, n: n}, rank: rank}
+	}
+	const k = 64 << 10
+	items := []earlyItem{
+		item(a, 0, k, 3), item(b, 0, k, 1), item(a, 10*k, k, 0), item(a, 5*k, k, 2),
+		item(a, 20*k, k, 4), item(a, 30*k, k, 5), item(a, 40*k, k, 6), // chunk of a full at 4 frames
+		item(b, 50*k, 2*earlyChunkMax, 7), // larger than a chunk: alone
+		item(b, 60*k, k, 8),
+	}
+	var got []string
+	for _, c := range cutChunks(items) {
+		s := fmt.Sprintf("%s@%d:", c.blob.Encoded()[:4], c.first)
+		for _, p := range c.pieces {
+			s += fmt.Sprintf(" %d", p.off/k)
+		}
+		got = append(got, s)
+	}
+	ea, eb := a.Encoded()[:4], b.Encoded()[:4]
+	want := []string{
+		ea + "@0: 10 5 0 20", // first-read first, within the chunk too
+		eb + "@1: 0",
+		ea + "@5: 30 40",
+		eb + "@7: 50",
+		eb + "@8: 60",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("chunks\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestCutChunksStale(t *testing.T) {
+	// A blob read once early and once much later: the late frame does not
+	// ride in the early chunk.
+	a, b := digest.FromString("a"), digest.FromString("b")
+	items := []earlyItem{{blob: a, p: &earlyPiece{off: 0, n: 100}, rank: 0}}
+	for i := range 20 {
+		items = append(items, earlyItem{blob: b, p: &earlyPiece{off: int64(i) << 17, n: 100 << 10}, rank: 1 + i})
+	}
+	items = append(items, earlyItem{blob: a, p: &earlyPiece{off: 1000, n: 100}, rank: 21})
+	chunks := cutChunks(items)
+	if c := chunks[0]; c.blob != a || len(c.pieces) != 1 {
+		t.Errorf("first chunk: %s with %d frames, want the first frame of a alone", c.blob, len(c.pieces))
+	}
+	if c := chunks[len(chunks)-1]; c.blob != a || c.pieces[0].off != 1000 {
+		t.Errorf("last chunk: %s at %d, want a's late frame", c.blob, c.pieces[0].off)
+	}
+}
+
+func TestRankProfile(t *testing.T) {
+	p := &api.Profile{Layers: []api.ProfileLayer{{Frames: []int{5, 1, 9}}, {Frames: []int{2, 7}}}}
+	n := rankProfile(p, [][]uint64{{10, 30, 50}, {20, 40}})
+	if n != 5 {
+		t.Errorf("rankProfile = %d, want 5", n)
+	}
+	if !slices.Equal(p.Layers[0].Ranks, []int{0, 2, 4}) || !slices.Equal(p.Layers[1].Ranks, []int{1, 3}) {
+		t.Errorf("ranks %v %v, want [0 2 4] [1 3]", p.Layers[0].Ranks, p.Layers[1].Ranks)
 	}
 }

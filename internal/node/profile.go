@@ -1,9 +1,11 @@
 package node
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -48,6 +50,28 @@ func profileFrames(p *api.Profile, layer, data digest.Digest) []int {
 	return nil
 }
 
+// rankProfile sets the Ranks of p's layers from the sequence numbers of
+// their frames' first reads (seqs[i] for p.Layers[i]) and returns the
+// number of frames.
+func rankProfile(p *api.Profile, seqs [][]uint64) int {
+	type read struct {
+		seq      uint64
+		layer, i int
+	}
+	var all []read
+	for l, seq := range seqs {
+		p.Layers[l].Ranks = make([]int, len(seq))
+		for i, s := range seq {
+			all = append(all, read{s, l, i})
+		}
+	}
+	slices.SortFunc(all, func(a, b read) int { return cmp.Compare(a.seq, b.seq) })
+	for rank, r := range all {
+		p.Layers[r.layer].Ranks[r.i] = rank
+	}
+	return len(all)
+}
+
 // record starts recording the reads of the lazy layers of lease id's
 // image; finishRecording stores them as its profile when the lease ends or
 // Options.ProfileWindow has passed, whichever comes first.
@@ -84,21 +108,22 @@ func (m *Manager) finishRecording(id string) {
 	defer m.uploads.Done()
 	r.timer.Stop()
 	p := &api.Profile{Version: layerindex.Version}
-	n := 0
+	var seqs [][]uint64
 	for _, l := range r.layers {
 		fs := l.server.FS()
-		frames := fs.StopRecording()
+		frames, seq := fs.StopRecording()
 		if len(frames) == 0 {
 			continue
 		}
-		n += len(frames)
 		ranges := make([][2]int64, len(frames))
 		for i, k := range frames {
 			fr := &fs.Index().Frames[k]
 			ranges[i] = [2]int64{fr.COffset, fr.CSize}
 		}
 		p.Layers = append(p.Layers, api.ProfileLayer{Layer: l.digest, Data: fs.Index().Data, Frames: frames, Ranges: ranges})
+		seqs = append(seqs, seq)
 	}
+	n := rankProfile(p, seqs)
 	if n == 0 {
 		return
 	}
