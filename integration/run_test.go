@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -218,5 +220,44 @@ func TestRunTTY(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "TTY-OK /dev/pts/") || !strings.Contains(string(out), "xterm") {
 		t.Fatalf("run -it under a terminal: %v\n%s", err, out)
+	}
+}
+
+// TestDamagedIndex: a layer index the node saved (without fsync) that a
+// crash damaged is detected and fetched again, not used.
+func TestDamagedIndex(t *testing.T) {
+	requireRun(t)
+	layout, _ := busyboxLayout(t)
+	reg := startRegistry(t)
+	ref := reg.Addr + "/damaged/busybox:latest"
+	pushLayout(t, layout, "hello", ref)
+	root := nodeRoot(t)
+	strata(t, root, "pull", "--plain-http", ref)
+	indexes, _ := filepath.Glob(filepath.Join(root, "layers", "*", "index"))
+	if len(indexes) == 0 {
+		t.Fatal("no saved index after a pull")
+	}
+	// The daemon dies with the machine; the next command starts another.
+	pid := daemonPID(t, root)
+	syscall.Kill(pid, syscall.SIGKILL)
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, p := range indexes {
+		if err := os.WriteFile(p, []byte("damaged"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, errOut, code := strataCode(t, root, "run", "--rm", "--plain-http", ref, "/bin/busybox", "echo", "hello")
+	if code != 0 || out != "hello\n" {
+		t.Fatalf("run with damaged saved indexes: code %d stdout %q stderr %s", code, out, errOut)
+	}
+	for _, p := range indexes {
+		if b, _ := os.ReadFile(p); string(b) == "damaged" {
+			t.Errorf("%s was not fetched again", p)
+		}
 	}
 }

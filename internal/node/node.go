@@ -433,7 +433,7 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 // flight at once; downloadConcurrency the fallback downloads (containerd's
 // default is 3).
 const (
-	pullConcurrency     = 8
+	pullConcurrency     = 32
 	downloadConcurrency = 3
 )
 
@@ -514,7 +514,7 @@ func (m *Manager) fetchIndex(ctx context.Context, repo remote.Repository, l ocis
 // getIndex asks for layer l's mount and fetches and decodes its index; raw
 // is nil when the node has the index already.
 func (m *Manager) getIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor) (md *api.MountDescriptor, raw []byte, ix *layerindex.Index, err error) {
-	if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "index")); err == nil {
+	if _, err := m.savedIndex(l.Digest); err == nil {
 		return nil, nil, nil, nil
 	}
 	md, err = m.client.Mount(ctx, repo, l.Digest)
@@ -547,11 +547,15 @@ func (m *Manager) saveIndex(l ocispec.Descriptor, diffID digest.Digest, md *api.
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	meta, _ := json.Marshal(md)
-	if err := atomicfile.Write(filepath.Join(dir, "mount.json"), meta); err != nil {
+	// Neither is synced (a start waits for these writes, and with 24
+	// layers their syncs took 120 ms here): savedIndex verifies the index
+	// against the digest mount.json names, and a layer whose saved index
+	// is damaged after a crash is fetched again.
+	if err := atomicfile.WriteUnsynced(filepath.Join(dir, "index"), raw); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, "index"), raw); err != nil {
+	meta, _ := json.Marshal(md)
+	if err := atomicfile.WriteUnsynced(filepath.Join(dir, "mount.json"), meta); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -565,6 +569,28 @@ func (m *Manager) saveIndex(l ocispec.Descriptor, diffID digest.Digest, md *api.
 // preconnect is the number of connections a pull opens ahead: the
 // config, the start-up profile, and a few layer mounts and indexes.
 const preconnect = 4
+
+// savedIndex reads layer d's saved index and verifies it against the
+// digest of its saved mount descriptor.
+func (m *Manager) savedIndex(d digest.Digest) ([]byte, error) {
+	dir := layerDir(m.root, d)
+	meta, err := os.ReadFile(filepath.Join(dir, "mount.json"))
+	if err != nil {
+		return nil, err
+	}
+	var md api.MountDescriptor
+	if err := json.Unmarshal(meta, &md); err != nil || md.Index.Digest.Validate() != nil {
+		return nil, fmt.Errorf("saved mount descriptor of %s is damaged", d)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "index"))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) != md.Index.Size || md.Index.Digest.Algorithm().FromBytes(b) != md.Index.Digest {
+		return nil, fmt.Errorf("saved index of %s is damaged", d)
+	}
+	return b, nil
+}
 
 // maxDecoded bounds the decoded indexes kept between a pull and a mount.
 const maxDecoded = 256
@@ -660,8 +686,21 @@ func (m *Manager) Acquire(ctx context.Context, id, ref string, plainHTTP bool, u
 	if err != nil {
 		return nil, err
 	}
-	return m.acquire(ctx, id, img, union, pid, true)
+	lease, err := m.acquire(ctx, id, img, union, pid, true)
+	if errors.Is(err, errNotPulled) {
+		// A saved index lost to a crash: pull again (it fetches only
+		// what is missing) and mount.
+		m.log.Warn("pulling again", "ref", ref, "err", err)
+		if img, err = m.Pull(ctx, ref, plainHTTP); err != nil {
+			return nil, err
+		}
+		lease, err = m.acquire(ctx, id, img, union, pid, true)
+	}
+	return lease, err
 }
+
+// errNotPulled: a layer of a pulled image has no (intact) saved index.
+var errNotPulled = errors.New("not pulled")
 
 // acquire mounts img's layers for lease id. starting says a container (or
 // union) is starting now, not being restored after a restart: its image's
@@ -860,9 +899,9 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 	delete(m.decoded, d.Digest)
 	m.mu.Unlock()
 	if ix == nil {
-		b, err := os.ReadFile(filepath.Join(dir, "index"))
+		b, err := m.savedIndex(d.Digest)
 		if err != nil {
-			return fmt.Errorf("layer %s is not pulled", d.Digest)
+			return fmt.Errorf("layer %s: %w: %w", d.Digest, errNotPulled, err)
 		}
 		if ix, err = layerindex.Decode(b); err != nil {
 			return fmt.Errorf("layer %s: saved index: %w", d.Digest, err)
