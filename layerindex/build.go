@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"math"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -96,7 +97,6 @@ func (o Options) withDefaults() Options {
 type frameWriter struct {
 	enc   *zstd.Encoder
 	frame []byte // uncompressed content of the open frame, cap FrameSize
-	cbuf  []byte
 }
 
 var framePool sync.Pool
@@ -130,8 +130,8 @@ func checkMediaType(s string) error {
 // data blob depends on (see docs/format.md).
 func newFrameEncoder() (*zstd.Encoder, error) {
 	return zstd.NewWriter(nil,
-		zstd.WithEncoderLevel(zstd.SpeedDefault),
-		zstd.WithEncoderConcurrency(1),
+		zstd.WithEncoderLevel(zstd.SpeedBestCompression),
+		zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
 		zstd.WithEncoderCRC(false),
 		zstd.WithSingleSegment(true),
 		zstd.WithZeroFrames(false),
@@ -168,6 +168,7 @@ func Build(ctx context.Context, r io.Reader, data io.Writer, opts Options) (*Ind
 		out:         data,
 		frameWriter: w,
 		dataHash:    sha256.New(),
+		workers:     make(chan struct{}, runtime.GOMAXPROCS(0)),
 	}
 	b.src = &srcReader{ctx: ctx, r: r, h: sha256.New()}
 	return b.run()
@@ -264,6 +265,19 @@ type builder struct {
 	coff     int64
 	uoff     int64
 	dataHash hash.Hash
+
+	// Frames are compressed concurrently (flush), and written out in
+	// order (writeFrame).
+	pending []*compressJob
+	workers chan struct{}
+	free    [][]byte
+}
+
+// A compressJob is one frame being compressed.
+type compressJob struct {
+	in, out []byte
+	uoff    int64
+	done    chan struct{}
 }
 
 func (b *builder) run() (*Index, error) {
@@ -310,6 +324,9 @@ func (b *builder) run() (*Index, error) {
 		return nil, b.fail(err, "", "reading past the end of the compressed stream")
 	}
 	if err := b.flush(); err != nil {
+		return nil, err
+	}
+	if err := b.drain(); err != nil {
 		return nil, err
 	}
 
@@ -677,7 +694,9 @@ func (b *builder) copyContent(r io.Reader, ino *inode, raw string) error {
 	return nil
 }
 
-// flush compresses the open frame, if any, and writes it out.
+// flush closes the open frame, if any: it starts compressing it, on one
+// of the builder's workers, and writes out the frames compressed before
+// it that are done, in order, keeping at most two per worker pending.
 func (b *builder) flush() error {
 	if len(b.frame) == 0 {
 		return nil
@@ -685,22 +704,57 @@ func (b *builder) flush() error {
 	if err := b.ctx.Err(); err != nil {
 		return err
 	}
-	b.cbuf = b.enc.EncodeAll(b.frame, b.cbuf[:0])
-	sum := sha256.Sum256(b.cbuf)
-	if _, err := b.out.Write(b.cbuf); err != nil {
-		return fmt.Errorf("write data blob: %w", err)
+	var in []byte
+	if n := len(b.free); n > 0 {
+		in, b.free = b.free[n-1][:0], b.free[:n-1]
 	}
-	b.dataHash.Write(b.cbuf)
-	b.frames = append(b.frames, Frame{
-		COffset: b.coff,
-		CSize:   int64(len(b.cbuf)),
-		UOffset: b.uoff,
-		USize:   int64(len(b.frame)),
-		Digest:  digest.NewDigestFromBytes(digest.SHA256, sum[:]),
-	})
-	b.coff += int64(len(b.cbuf))
+	j := &compressJob{in: append(in, b.frame...), uoff: b.uoff, done: make(chan struct{})}
 	b.uoff += int64(len(b.frame))
 	b.frame = b.frame[:0]
+	b.workers <- struct{}{}
+	go func() {
+		j.out = b.enc.EncodeAll(j.in, nil)
+		<-b.workers
+		close(j.done)
+	}()
+	b.pending = append(b.pending, j)
+	for len(b.pending) > 2*cap(b.workers) {
+		if err := b.writeFrame(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeFrame waits for the oldest pending frame and writes it out.
+func (b *builder) writeFrame() error {
+	j := b.pending[0]
+	b.pending = b.pending[1:]
+	<-j.done
+	sum := sha256.Sum256(j.out)
+	if _, err := b.out.Write(j.out); err != nil {
+		return fmt.Errorf("write data blob: %w", err)
+	}
+	b.dataHash.Write(j.out)
+	b.frames = append(b.frames, Frame{
+		COffset: b.coff,
+		CSize:   int64(len(j.out)),
+		UOffset: j.uoff,
+		USize:   int64(len(j.in)),
+		Digest:  digest.NewDigestFromBytes(digest.SHA256, sum[:]),
+	})
+	b.coff += int64(len(j.out))
+	b.free = append(b.free, j.in)
+	return nil
+}
+
+// drain writes out every pending frame.
+func (b *builder) drain() error {
+	for len(b.pending) > 0 {
+		if err := b.writeFrame(); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
