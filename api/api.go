@@ -9,6 +9,9 @@
 //	                                                        202 + Retry-After while the layer expands
 //	                                                        404 BLOB_UNKNOWN: the layer is not in <name>
 //	                                                        422 EXPANSION_FAILED: the layer cannot be expanded
+//	GET  /v2/<name>/_strata/layers/<layer-digest>/index   → 200 the index blob (zstd Content-Encoding
+//	                                                        when accepted), Docker-Content-Digest its digest;
+//	                                                        202, 404 and 422 as for mount
 //	GET  /v2/<name>/_strata/profiles/<manifest-digest>    → 200 Profile; 404 PROFILE_UNKNOWN
 //	PUT  /v2/<name>/_strata/profiles/<manifest-digest>    → 201: stores the image's start-up profile
 //	                                                        (authorized as a push to <name>)
@@ -31,6 +34,13 @@ const InfoPath = "/v2/_" + Extension + "/info"
 // MountPath returns the path of the layer-mount request for layer in repo.
 func MountPath(repo string, layer digest.Digest) string {
 	return "/v2/" + repo + "/_" + Extension + "/layers/" + layer.String() + "/mount"
+}
+
+// IndexPath returns the path of the index of layer's expansion in repo:
+// one request, where a mount request and a blob request of the index take
+// two.
+func IndexPath(repo string, layer digest.Digest) string {
+	return "/v2/" + repo + "/_" + Extension + "/layers/" + layer.String() + "/index"
 }
 
 // Info is the body of GET /v2/_strata/info.

@@ -14,6 +14,7 @@
 //	queue/<alg>-<hex>     a pending layer: JSON {layer, repos, manifests}; removed when done
 //	done/<alg>-<hex>      a finished expansion: the api.MountDescriptor as JSON
 //	failed/<alg>-<hex>    a layer that cannot be expanded: the reason, as text
+//	index-zst/<alg>-<hex> an index blob (by its digest) compressed with zstd, as served
 //
 // All three are written atomically. A restart re-queues everything in
 // queue/, so unfinished work is redone. Expansion never makes a push fail:
@@ -34,6 +35,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -101,7 +103,7 @@ func New(st *store.Store, opts Options) (*Service, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	dir := filepath.Join(st.Root(), "expand")
-	for _, d := range []string{"queue", "done", "failed"} {
+	for _, d := range []string{"queue", "done", "failed", "index-zst"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			return nil, fmt.Errorf("expand: %w", err)
 		}
@@ -458,8 +460,41 @@ func (s *Service) expand(ctx context.Context, repo string, d digest.Digest) (*ap
 	if err := s.st.CommitFile(ctx, repo, idx.Name(), md.Index.Digest); err != nil {
 		return nil, fmt.Errorf("expand %s: store index: %w", d, err)
 	}
+	if _, err := s.compressedIndex(ctx, repo, md.Index.Digest); err != nil {
+		log.Warn("compressed index not stored", "err", err)
+	}
 	log.Info("layer expanded", "entries", len(ix.Entries), "index", md.Index.Size, "data", md.Data.Size)
 	return md, nil
+}
+
+// compressedIndex returns index blob d of repo compressed with zstd,
+// making and keeping the compressed copy the first time. About two thirds
+// of an index is paths and metadata that compress well; the file and frame
+// digests do not (python's 0.52 MB index is 0.37 MB).
+func (s *Service) compressedIndex(ctx context.Context, repo string, d digest.Digest) ([]byte, error) {
+	path := s.path("index-zst", d)
+	if b, err := os.ReadFile(path); err == nil {
+		return b, nil
+	}
+	f, err := s.st.OpenBlob(ctx, repo, d)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	raw, err := io.ReadAll(f)
+	if err != nil {
+		return nil, err
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBestCompression), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		return nil, err
+	}
+	defer enc.Close()
+	b := enc.EncodeAll(raw, nil)
+	if err := atomicfile.Write(path, b); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
 type countWriter struct{ n int64 }

@@ -9,10 +9,12 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -221,6 +223,31 @@ func TestMountAPI(t *testing.T) {
 		if f, l := ix.FramesFor(ix.Entries[i].Offset, ix.Entries[i].Size); l == f {
 			t.Errorf("%s (3.2 MB) fits one frame; frames should be about 1 MiB", name)
 		}
+	}
+
+	// The index route: the same index in one request, zstd on the wire
+	// when asked for.
+	code, h, plain := req(t, "GET", srv.URL+api.IndexPath("lib/app", descs[0].Digest), nil)
+	if code != 200 || !bytes.Equal(plain, ib) || h.Get("Docker-Content-Digest") != mdesc.Index.Digest.String() || h.Get("Content-Encoding") != "" {
+		t.Fatalf("index route: %d %v, %d bytes", code, h, len(plain))
+	}
+	code, h, zb := req(t, "GET", srv.URL+api.IndexPath("lib/app", descs[0].Digest), nil, "Accept-Encoding", "gzip, zstd")
+	zr, _ := zstd.NewReader(nil)
+	unz, err := zr.DecodeAll(zb, nil)
+	if code != 200 || h.Get("Content-Encoding") != "zstd" || err != nil || !bytes.Equal(unz, ib) || len(zb) >= len(ib) {
+		t.Fatalf("index route, zstd: %d %v, %d bytes (%v), %d plain", code, h, len(zb), err, len(ib))
+	}
+	if code, h, b := req(t, "HEAD", srv.URL+api.IndexPath("lib/app", descs[0].Digest), nil, "Accept-Encoding", "zstd"); code != 200 || len(b) != 0 || h.Get("Content-Length") != strconv.Itoa(len(zb)) {
+		t.Errorf("HEAD of the index route: %d %v", code, h)
+	}
+	if code, h, _ := req(t, "GET", srv.URL+api.IndexPath("lib/app", descs[0].Digest), nil, "Accept-Encoding", "zstd;q=0"); code != 200 || h.Get("Content-Encoding") != "" {
+		t.Errorf("index route refusing zstd: %d %v", code, h)
+	}
+	if code, _, body := req(t, "GET", srv.URL+api.IndexPath("lib/app", digest.FromString("absent")), nil); code != 404 || !strings.Contains(string(body), "BLOB_UNKNOWN") {
+		t.Errorf("index of an absent layer: %d %s", code, body)
+	}
+	if code, _, _ := req(t, "POST", srv.URL+api.IndexPath("lib/app", descs[0].Digest), nil); code != 405 {
+		t.Errorf("POST on the index route: %d", code)
 	}
 
 	// The expansion is published as a referrer of the image manifest.

@@ -46,11 +46,20 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 		}
 		tail, ok := strings.CutPrefix(rest, "layers/")
 		ds, ok2 := strings.CutSuffix(tail, "/mount")
-		if repo == "" || !ok || !ok2 {
+		di, ok3 := strings.CutSuffix(tail, "/index")
+		if repo == "" || !ok || !ok2 && !ok3 {
 			writeErr(w, http.StatusNotFound, "NOT_FOUND", "no such extension route")
 			return
 		}
-		if r.Method != http.MethodPost {
+		index := ok3
+		if index {
+			ds = di
+		}
+		switch {
+		case index && r.Method != http.MethodGet && r.Method != http.MethodHead:
+			writeErr(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "indexes are read with GET")
+			return
+		case !index && r.Method != http.MethodPost:
 			writeErr(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "layer mounts are requested with POST")
 			return
 		}
@@ -61,6 +70,8 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 		}
 		md, err := s.MountWait(r.Context(), repo, d, MountWait)
 		switch {
+		case err == nil && index:
+			s.serveIndex(w, r, repo, md)
 		case err == nil:
 			b, _ := json.Marshal(md)
 			w.Header().Set("Content-Type", "application/json")
@@ -81,6 +92,48 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 			writeErr(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
 		}
 	})
+}
+
+// serveIndex answers with the index blob of md: compressed with zstd, from
+// the copy the expansion keeps, when the request accepts that encoding.
+func (s *Service) serveIndex(w http.ResponseWriter, r *http.Request, repo string, md *api.MountDescriptor) {
+	h := w.Header()
+	h.Set("Content-Type", md.Index.MediaType)
+	h.Set("Docker-Content-Digest", md.Index.Digest.String())
+	h.Set("Vary", "Accept-Encoding")
+	if acceptsZstd(r) {
+		if b, err := s.compressedIndex(r.Context(), repo, md.Index.Digest); err == nil {
+			h.Set("Content-Encoding", "zstd")
+			h.Set("Content-Length", strconv.Itoa(len(b)))
+			if r.Method != http.MethodHead {
+				w.Write(b)
+			}
+			return
+		} else {
+			s.log.Warn("compressed index not served", "index", md.Index.Digest, "err", err)
+		}
+	}
+	f, err := s.st.OpenBlob(r.Context(), repo, md.Index.Digest)
+	if err != nil {
+		s.log.Error("index blob unreadable", "repo", repo, "index", md.Index.Digest, "err", err)
+		writeErr(w, http.StatusInternalServerError, "UNKNOWN", "internal error")
+		return
+	}
+	defer f.Close()
+	http.ServeContent(w, r, "", time.Time{}, f)
+}
+
+// acceptsZstd reports whether r's Accept-Encoding names zstd (without q=0).
+func acceptsZstd(r *http.Request) bool {
+	for _, v := range r.Header.Values("Accept-Encoding") {
+		for _, part := range strings.Split(v, ",") {
+			name, params, _ := strings.Cut(strings.TrimSpace(part), ";")
+			if strings.EqualFold(strings.TrimSpace(name), "zstd") {
+				return strings.ReplaceAll(params, " ", "") != "q=0"
+			}
+		}
+	}
+	return false
 }
 
 // serveProfile answers GET, HEAD and PUT of an image's start-up profile.

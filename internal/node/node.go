@@ -517,6 +517,26 @@ func (m *Manager) getIndex(ctx context.Context, repo remote.Repository, l ocispe
 	if _, err := m.savedIndex(l.Digest); err == nil {
 		return nil, nil, nil, nil
 	}
+	// One request for the index; the mount descriptor is what it names.
+	d, raw, err := m.client.LayerIndex(ctx, repo, l.Digest)
+	if err == nil {
+		if ix, err = layerindex.Decode(raw); err != nil {
+			return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
+		}
+		if ix.Layer != l.Digest {
+			return nil, nil, nil, fmt.Errorf("layer %s: the registry's index is for layer %s", l.Digest, ix.Layer)
+		}
+		md = &api.MountDescriptor{
+			Layer: l.Digest, DiffID: ix.DiffID, Version: ix.Version,
+			Index: ocispec.Descriptor{MediaType: layerindex.MediaTypeIndex, Digest: d, Size: int64(len(raw))},
+			Data:  ocispec.Descriptor{MediaType: layerindex.MediaTypeData, Digest: ix.Data, Size: ix.DataSize},
+		}
+		return md, raw, ix, nil
+	}
+	if !errors.Is(err, remote.ErrUnsupported) && !errors.Is(err, remote.ErrDigestMismatch) {
+		return nil, nil, nil, err
+	}
+	m.log.Debug("index route unavailable, asking for the layer mount", "layer", l.Digest, "err", err)
 	md, err = m.client.Mount(ctx, repo, l.Digest)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer mount %s: %w", l.Digest, err)

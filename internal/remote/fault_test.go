@@ -16,9 +16,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/remote"
 )
 
@@ -541,6 +543,90 @@ func TestReadRangesResponses(t *testing.T) {
 			}
 			if s := strings.Join(got, "|"); s != tt.want {
 				t.Errorf("handed over %q, want %q", s, tt.want)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if hits != tt.hits {
+				t.Errorf("%d requests, want %d", hits, tt.hits)
+			}
+		})
+	}
+}
+
+func TestLayerIndexResponses(t *testing.T) {
+	index := bytes.Repeat([]byte("an index "), 1000)
+	d := digest.FromBytes(index)
+	layer := digest.FromString("layer")
+	enc, _ := zstd.NewWriter(nil)
+	zindex := enc.EncodeAll(index, nil)
+	tests := []struct {
+		name    string
+		handler func(w http.ResponseWriter, r *http.Request, n int)
+		err     error // nil: success
+		hits    int
+	}{
+		{"plain", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Write(index)
+		}, nil, 1},
+		{"zstd", func(w http.ResponseWriter, r *http.Request, n int) {
+			if r.Header.Get("Accept-Encoding") != "zstd" {
+				t.Errorf("Accept-Encoding %q", r.Header.Get("Accept-Encoding"))
+			}
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Header().Set("Content-Encoding", "zstd")
+			w.Write(zindex)
+		}, nil, 1},
+		{"expanding, then there", func(w http.ResponseWriter, r *http.Request, n int) {
+			if n == 1 {
+				w.Header().Set("Retry-After", "0")
+				w.WriteHeader(http.StatusAccepted)
+				return
+			}
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Write(index)
+		}, nil, 2},
+		{"other content", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Write(index[1:])
+		}, remote.ErrDigestMismatch, 1},
+		{"unknown encoding", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Header().Set("Content-Encoding", "br")
+			w.Write(index)
+		}, remote.ErrInvalidResponse, 1},
+		{"no such route", func(w http.ResponseWriter, r *http.Request, n int) {
+			ociError(w, http.StatusNotFound, "NOT_FOUND", "no such extension route")
+		}, remote.ErrUnsupported, 1},
+		{"layer not in the repository", func(w http.ResponseWriter, r *http.Request, n int) {
+			ociError(w, http.StatusNotFound, "BLOB_UNKNOWN", "no")
+		}, remote.ErrNotFound, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var mu sync.Mutex
+			hits := 0
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path != api.IndexPath("a/b", layer) {
+					t.Errorf("path %s", r.URL.Path)
+				}
+				mu.Lock()
+				hits++
+				n := hits
+				mu.Unlock()
+				tt.handler(w, r, n)
+			}))
+			defer srv.Close()
+			c := newClient(t, remote.Options{})
+			got, raw, err := c.LayerIndex(context.Background(), parseRef(t, hostOf(srv)+"/a/b").Repository, layer)
+			if tt.err == nil && (err != nil || got != d || !bytes.Equal(raw, index)) {
+				t.Fatalf("LayerIndex = %s, %d bytes, %v", got, len(raw), err)
+			}
+			if tt.err != nil && !errors.Is(err, tt.err) {
+				t.Fatalf("LayerIndex: %v, want %v", err, tt.err)
+			}
+			if tt.err == remote.ErrNotFound && errors.Is(err, remote.ErrUnsupported) {
+				t.Errorf("a layer not in the repository is taken for a missing route: %v", err)
 			}
 			mu.Lock()
 			defer mu.Unlock()

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/api"
@@ -68,56 +69,135 @@ func (c *Client) Mount(ctx context.Context, repo Repository, layer digest.Digest
 }
 
 func (c *Client) mount(ctx context.Context, repo Repository, layer digest.Digest) (*api.MountDescriptor, error) {
-	if err := layer.Validate(); err != nil {
+	var md api.MountDescriptor
+	err := c.whileExpanding(ctx, repo, layer, request{
+		method:   http.MethodPost,
+		registry: repo.Registry,
+		path:     api.MountPath(repo.Name, layer),
+		scope:    repo.scope(),
+		header:   http.Header{"Accept": {"application/json"}},
+		read: func(resp *http.Response) error {
+			b, err := io.ReadAll(io.LimitReader(resp.Body, maxInfoSize))
+			if err != nil {
+				return err
+			}
+			if err := json.Unmarshal(b, &md); err != nil {
+				return fmt.Errorf("%w: mount descriptor: %v", ErrInvalidResponse, err)
+			}
+			return nil
+		},
+	})
+	if err != nil {
 		return nil, err
 	}
+	if err := checkMountDescriptor(&md, layer); err != nil {
+		return nil, err
+	}
+	return &md, nil
+}
+
+// whileExpanding sends r, a request about layer's expansion, again while
+// the registry answers 202 (it is expanding the layer), as Retry-After
+// asks, within Options.MountWait; then it fails with ErrExpanding. r.read
+// sees only the final answer.
+func (c *Client) whileExpanding(ctx context.Context, repo Repository, layer digest.Digest, r request) error {
+	if err := layer.Validate(); err != nil {
+		return err
+	}
+	read := r.read
+	r.accept = []int{http.StatusOK, http.StatusAccepted}
 	start := time.Now()
 	for poll := 1; ; poll++ {
 		var (
-			md      api.MountDescriptor
 			pending bool
 			after   string
 		)
-		_, err := c.send(ctx, request{
-			method:   http.MethodPost,
-			registry: repo.Registry,
-			path:     api.MountPath(repo.Name, layer),
-			scope:    repo.scope(),
-			header:   http.Header{"Accept": {"application/json"}},
-			accept:   []int{http.StatusOK, http.StatusAccepted},
-			read: func(resp *http.Response) error {
-				if resp.StatusCode == http.StatusAccepted {
-					pending, after = true, resp.Header.Get("Retry-After")
-					return nil
-				}
-				b, err := io.ReadAll(io.LimitReader(resp.Body, maxInfoSize))
-				if err != nil {
-					return err
-				}
-				if err := json.Unmarshal(b, &md); err != nil {
-					return fmt.Errorf("%w: mount descriptor: %v", ErrInvalidResponse, err)
-				}
+		r.read = func(resp *http.Response) error {
+			if resp.StatusCode == http.StatusAccepted {
+				pending, after = true, resp.Header.Get("Retry-After")
 				return nil
-			},
-		})
-		if err != nil {
-			return nil, err
+			}
+			return read(resp)
+		}
+		if _, err := c.send(ctx, r); err != nil {
+			return err
 		}
 		if !pending {
-			if err := checkMountDescriptor(&md, layer); err != nil {
-				return nil, err
-			}
-			return &md, nil
+			return nil
 		}
 		delay := c.backoff(poll, parseRetryAfter(after, time.Now()))
 		if time.Since(start)+delay > c.opts.MountWait {
-			return nil, fmt.Errorf("%w after %s", ErrExpanding, time.Since(start).Round(time.Millisecond))
+			return fmt.Errorf("%w after %s", ErrExpanding, time.Since(start).Round(time.Millisecond))
 		}
 		c.log.DebugContext(ctx, "layer is being expanded; waiting", "repo", repo, "layer", layer, "delay", delay)
 		if err := sleep(ctx, delay); err != nil {
-			return nil, err
+			return err
 		}
 	}
+}
+
+// MaxIndexBytes bounds an index LayerIndex accepts, decompressed.
+const MaxIndexBytes = 256 << 20
+
+// LayerIndex fetches the index of layer's expansion in repo with one
+// request (GET /v2/<name>/_strata/layers/<digest>/index), compressed with
+// zstd on the wire where the registry offers that, and verifies it
+// against the digest the registry names for it. It waits for an expansion
+// in progress and fails as Mount does. A registry without the route
+// (404 NOT_FOUND, 405) is ErrUnsupported: ask with Mount, then read the
+// index blob.
+func (c *Client) LayerIndex(ctx context.Context, repo Repository, layer digest.Digest) (digest.Digest, []byte, error) {
+	var (
+		d   digest.Digest
+		raw []byte
+	)
+	err := c.whileExpanding(ctx, repo, layer, request{
+		method:   http.MethodGet,
+		registry: repo.Registry,
+		path:     api.IndexPath(repo.Name, layer),
+		scope:    repo.scope(),
+		header:   http.Header{"Accept-Encoding": {"zstd"}},
+		read: func(resp *http.Response) error {
+			var err error
+			if d, err = digest.Parse(resp.Header.Get("Docker-Content-Digest")); err != nil {
+				return fmt.Errorf("%w: index digest %q: %v", ErrInvalidResponse, resp.Header.Get("Docker-Content-Digest"), err)
+			}
+			var body io.Reader = resp.Body
+			switch enc := resp.Header.Get("Content-Encoding"); enc {
+			case "":
+			case "zstd":
+				zr, err := zstd.NewReader(resp.Body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxIndexBytes))
+				if err != nil {
+					return err
+				}
+				defer zr.Close()
+				body = zr
+			default:
+				return fmt.Errorf("%w: index in Content-Encoding %q", ErrInvalidResponse, enc)
+			}
+			raw, err = io.ReadAll(io.LimitReader(body, MaxIndexBytes+1))
+			if err != nil {
+				return fmt.Errorf("read index: %w", err)
+			}
+			if len(raw) > MaxIndexBytes {
+				return fmt.Errorf("%w: index larger than %d bytes", ErrInvalidResponse, MaxIndexBytes)
+			}
+			return nil
+		},
+	})
+	if re := (*Error)(nil); errors.As(err, &re) && (re.StatusCode == http.StatusMethodNotAllowed || re.StatusCode == http.StatusNotFound && re.Code() == "NOT_FOUND") {
+		return "", nil, fmt.Errorf("index of layer %s: %w: %w", layer, ErrUnsupported, err)
+	}
+	if err != nil {
+		return "", nil, fmt.Errorf("index of layer %s@%s: %w", repo, layer, err)
+	}
+	if !d.Algorithm().Available() {
+		return "", nil, fmt.Errorf("index of layer %s: %w: digest algorithm of %s", layer, ErrUnsupported, d)
+	}
+	if got := d.Algorithm().FromBytes(raw); got != d {
+		return "", nil, fmt.Errorf("index of layer %s: %w: content is %s, the registry says %s", layer, ErrDigestMismatch, got, d)
+	}
+	return d, raw, nil
 }
 
 func checkMountDescriptor(md *api.MountDescriptor, layer digest.Digest) error {
