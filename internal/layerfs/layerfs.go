@@ -498,5 +498,18 @@ func (f *FS) StartRecording() { f.fetch.startRecording() }
 // StopRecording: see StartRecording.
 func (f *FS) StopRecording() (frames []int, seq []uint64) { return f.fetch.stopRecording() }
 
+// Cached reports whether the frames ks are all on the node: in memory or
+// in the cache.
+func (f *FS) Cached(ks []int) bool {
+	f.fetch.mu.Lock()
+	defer f.fetch.mu.Unlock()
+	for _, k := range ks {
+		if k >= 0 && k < len(f.ix.Frames) && !f.fetch.mem.has(k) && !f.fetch.cached(k) {
+			return false
+		}
+	}
+	return true
+}
+
 // Index returns the index the FS presents.
 func (f *FS) Index() *layerindex.Index { return f.ix }

@@ -786,10 +786,15 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	m.leases[id] = lease
 	m.mu.Unlock()
 	if starting && union == "" {
+		record := img.Unprofiled && img.Profile == nil && m.opts.Profiles == ProfilesAuto
 		for _, l := range got {
-			m.narrowReadahead(l)
+			// Only a start whose reads go into a profile, or come from one
+			// that is not on the node yet, fetches what readahead widens.
+			if record || prefetch && l.server != nil && !l.server.FS().Cached(profileFrames(img.Profile, l.digest, l.server.FS().Index().Data)) {
+				m.narrowReadahead(l)
+			}
 		}
-		if img.Unprofiled && img.Profile == nil && m.opts.Profiles == ProfilesAuto {
+		if record {
 			m.record(id, img, got)
 		}
 	}
@@ -953,7 +958,8 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 
 // narrowReadahead sets the kernel's readahead on lazy layer l to
 // startupReadaheadKB for startupWindow (from the last container start),
-// then back to what it was. A process that starts maps its programs and
+// then back to what it was. acquire does so for a start that records a
+// start-up profile or prefetches one the node does not have yet. A process that starts maps its programs and
 // libraries, and the kernel reads its readahead window around every page
 // fault: 128 KiB by default, which makes a start read (and its start-up
 // profile list, and every later start prefetch) frames of pages it never
