@@ -3,9 +3,11 @@ package layerfs_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -149,5 +151,40 @@ func TestPassthroughDisabled(t *testing.T) {
 	}
 	if s := f.Stats(); s.PassthroughOpens != 0 || s.ServedReads == 0 {
 		t.Errorf("stats %+v: want served reads only", s)
+	}
+}
+
+func TestSetReadahead(t *testing.T) {
+	ix, data := build(t, tarOf(t, file("f", 0o644, text(2, 300<<10))))
+	testenv.RequireFUSE(t)
+	f, err := layerfs.New(ix, &memSource{data: data}, nil, layerfs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dir := t.TempDir()
+	srv, err := f.Mount(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	sysfs := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	old, err := srv.SetReadahead(32)
+	if err != nil {
+		unmount(t, srv.Unmount, dir)
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(sysfs); strings.TrimSpace(string(b)) != "32" || old <= 0 {
+		t.Errorf("after SetReadahead(32): %s says %q; the value before was %d", sysfs, b, old)
+	}
+	if prev, err := srv.SetReadahead(old); err != nil || prev != 32 {
+		t.Errorf("SetReadahead back: %d, %v", prev, err)
+	}
+	unmount(t, srv.Unmount, dir)
+	if _, err := srv.SetReadahead(32); err == nil {
+		t.Error("SetReadahead after Unmount succeeded; the device number may belong to another mount by then")
 	}
 }
