@@ -63,6 +63,20 @@ func daemonPID(t *testing.T, root string) int {
 	return pid
 }
 
+// killDaemon kills root's node daemon (SIGKILL) and waits until it is
+// gone; the next command starts another.
+func killDaemon(t *testing.T, root string) {
+	t.Helper()
+	pid := daemonPID(t, root)
+	syscall.Kill(pid, syscall.SIGKILL)
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // TestNodeFaults: the node daemon killed and restarted leaves no dead
 // mounts behind; with the registry stopped, cached reads keep working and
 // uncached reads fail with EIO within the fetch bound.
@@ -84,14 +98,7 @@ func TestNodeFaults(t *testing.T) {
 	}
 
 	// Kill the daemon: its FUSE mounts die with it.
-	pid := daemonPID(t, root)
-	syscall.Kill(pid, syscall.SIGKILL)
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err != nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	killDaemon(t, root)
 	// The next command starts a new daemon, which restores the old mount.
 	strata(t, root, "--fetch-timeout", "3s", "mount", "--plain-http", ref, dir2)
 	for _, d := range []string{dir1, dir2} {

@@ -6,9 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -238,14 +236,7 @@ func TestDamagedIndex(t *testing.T) {
 		t.Fatal("no saved index after a pull")
 	}
 	// The daemon dies with the machine; the next command starts another.
-	pid := daemonPID(t, root)
-	syscall.Kill(pid, syscall.SIGKILL)
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err != nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	killDaemon(t, root)
 	for _, p := range indexes {
 		if err := os.WriteFile(p, []byte("damaged"), 0o644); err != nil {
 			t.Fatal(err)

@@ -307,6 +307,8 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 			return fmt.Errorf("read ranges of blob %s: ranges overlap at %d", dgst, sorted[i][0])
 		}
 	}
+	// No part can be longer than the ranges' span (one joining them all).
+	span := sorted[len(sorted)-1][0] + sorted[len(sorted)-1][1] - sorted[0][0]
 	handed := make([]bool, len(ranges))
 	left := len(ranges)
 	// take hands over every range that part [start, start+len(b)) covers.
@@ -339,19 +341,7 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 			mt, params, err := mime.ParseMediaType(resp.Header.Get("Content-Type"))
 			if err != nil || mt != "multipart/byteranges" {
 				// One part: the registry joined the ranges, or one was asked.
-				s, e, _, err := parseContentRange(resp.Header.Get("Content-Range"))
-				if err != nil {
-					return fmt.Errorf("%w: %v", ErrInvalidResponse, err)
-				}
-				if e-s+1 > maxRangePart {
-					return fmt.Errorf("%w: part of %d bytes", ErrInvalidResponse, e-s+1)
-				}
-				b := make([]byte, e-s+1)
-				if _, err := io.ReadFull(resp.Body, b); err != nil {
-					return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
-				}
-				take(s, b)
-				return nil
+				return readPart(resp.Body, resp.Header.Get("Content-Range"), span, take)
 			}
 			mr := multipart.NewReader(resp.Body, params["boundary"])
 			for {
@@ -362,18 +352,9 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 				if err != nil {
 					return fmt.Errorf("read multipart/byteranges: %w", err)
 				}
-				s, e, _, err := parseContentRange(part.Header.Get("Content-Range"))
-				if err != nil {
-					return fmt.Errorf("%w: part: %v", ErrInvalidResponse, err)
+				if err := readPart(part, part.Header.Get("Content-Range"), span, take); err != nil {
+					return err
 				}
-				if e-s+1 > maxRangePart {
-					return fmt.Errorf("%w: part of %d bytes", ErrInvalidResponse, e-s+1)
-				}
-				b := make([]byte, e-s+1)
-				if _, err := io.ReadFull(part, b); err != nil {
-					return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
-				}
-				take(s, b)
 			}
 		},
 	})
@@ -386,5 +367,20 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 	return nil
 }
 
-// maxRangePart bounds one part of a multi-range response read into memory.
-const maxRangePart = 64 << 20
+// readPart reads one part of a range response, whose Content-Range is cr
+// and which may not be longer than max, and hands it to take.
+func readPart(r io.Reader, cr string, max int64, take func(start int64, b []byte)) error {
+	s, e, _, err := parseContentRange(cr)
+	if err != nil {
+		return fmt.Errorf("%w: part: %v", ErrInvalidResponse, err)
+	}
+	if e-s+1 > max {
+		return fmt.Errorf("%w: part of %d bytes for ranges spanning %d", ErrInvalidResponse, e-s+1, max)
+	}
+	b := make([]byte, e-s+1)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
+	}
+	take(s, b)
+	return nil
+}
