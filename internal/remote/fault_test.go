@@ -440,19 +440,12 @@ func TestReadRangeResponses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var mu sync.Mutex
-			hits := 0
-			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			srv, hits := numberedServer(t, func(w http.ResponseWriter, r *http.Request, n int) {
 				if r.Header.Get("Range") != "bytes=10-14" {
 					t.Errorf("Range = %q", r.Header.Get("Range"))
 				}
-				mu.Lock()
-				hits++
-				n := hits
-				mu.Unlock()
 				tt.handler(w, r, n)
-			}))
-			defer srv.Close()
+			})
 			c := newClient(t, remote.Options{})
 			got, err := c.ReadRange(context.Background(), parseRef(t, hostOf(srv)+"/a/b").Repository, d, 10, 5)
 			if tt.want == "" {
@@ -463,10 +456,8 @@ func TestReadRangeResponses(t *testing.T) {
 			} else if err != nil || string(got) != tt.want {
 				t.Fatalf("ReadRange = %q, %v; want %q", got, err, tt.want)
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			if hits != tt.hits {
-				t.Errorf("%d requests, want %d", hits, tt.hits)
+			if n := hits(); n != tt.hits {
+				t.Errorf("%d requests, want %d", n, tt.hits)
 			}
 		})
 	}
@@ -520,19 +511,12 @@ func TestReadRangesResponses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var mu sync.Mutex
-			hits := 0
-			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			srv, hits := numberedServer(t, func(w http.ResponseWriter, r *http.Request, n int) {
 				if r.Header.Get("Range") != "bytes=20-22,10-14" {
 					t.Errorf("Range = %q", r.Header.Get("Range"))
 				}
-				mu.Lock()
-				hits++
-				n := hits
-				mu.Unlock()
 				tt.handler(w, r, n)
-			}))
-			defer srv.Close()
+			})
 			c := newClient(t, remote.Options{})
 			var got []string
 			err := c.ReadRanges(context.Background(), parseRef(t, hostOf(srv)+"/a/b").Repository, d, ranges, func(i int, b []byte) {
@@ -544,10 +528,8 @@ func TestReadRangesResponses(t *testing.T) {
 			if s := strings.Join(got, "|"); s != tt.want {
 				t.Errorf("handed over %q, want %q", s, tt.want)
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			if hits != tt.hits {
-				t.Errorf("%d requests, want %d", hits, tt.hits)
+			if n := hits(); n != tt.hits {
+				t.Errorf("%d requests, want %d", n, tt.hits)
 			}
 		})
 	}
@@ -604,19 +586,12 @@ func TestLayerIndexResponses(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var mu sync.Mutex
-			hits := 0
-			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			srv, hits := numberedServer(t, func(w http.ResponseWriter, r *http.Request, n int) {
 				if r.URL.Path != api.IndexPath("a/b", layer) {
 					t.Errorf("path %s", r.URL.Path)
 				}
-				mu.Lock()
-				hits++
-				n := hits
-				mu.Unlock()
 				tt.handler(w, r, n)
-			}))
-			defer srv.Close()
+			})
 			c := newClient(t, remote.Options{})
 			got, raw, err := c.LayerIndex(context.Background(), parseRef(t, hostOf(srv)+"/a/b").Repository, layer)
 			if tt.err == nil && (err != nil || got != d || !bytes.Equal(raw, index)) {
@@ -628,11 +603,29 @@ func TestLayerIndexResponses(t *testing.T) {
 			if tt.err == remote.ErrNotFound && errors.Is(err, remote.ErrUnsupported) {
 				t.Errorf("a layer not in the repository is taken for a missing route: %v", err)
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			if hits != tt.hits {
-				t.Errorf("%d requests, want %d", hits, tt.hits)
+			if n := hits(); n != tt.hits {
+				t.Errorf("%d requests, want %d", n, tt.hits)
 			}
 		})
+	}
+}
+
+// numberedServer serves every request with handler, passing its number
+// (from 1); hits returns how many came. The server closes with the test.
+func numberedServer(t *testing.T, handler func(w http.ResponseWriter, r *http.Request, n int)) (srv *httptest.Server, hits func() int) {
+	var mu sync.Mutex
+	count := 0
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		count++
+		n := count
+		mu.Unlock()
+		handler(w, r, n)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return count
 	}
 }
