@@ -251,4 +251,23 @@ func TestDamagedIndex(t *testing.T) {
 			t.Errorf("%s was not fetched again", p)
 		}
 	}
+
+	// A union mount restored by a new daemon after a crash that damaged
+	// the saved indexes fetches them again.
+	dir := filepath.Join(t.TempDir(), "union")
+	os.MkdirAll(dir, 0o755)
+	strata(t, root, "mount", "--plain-http", ref, dir)
+	t.Cleanup(func() { strataErr(root, "umount", dir) })
+	killDaemon(t, root)
+	for _, p := range indexes {
+		os.WriteFile(p, []byte("damaged"), 0o644)
+	}
+	// The next command starts a new daemon, which restores the mount.
+	dir2 := filepath.Join(t.TempDir(), "union2")
+	os.MkdirAll(dir2, 0o755)
+	strata(t, root, "mount", "--plain-http", ref, dir2)
+	t.Cleanup(func() { strataErr(root, "umount", dir2) })
+	if b, err := os.ReadFile(filepath.Join(dir, "bin", "busybox")); err != nil || len(b) == 0 {
+		t.Errorf("restored union: read bin/busybox: %v", err)
+	}
 }

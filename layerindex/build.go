@@ -91,11 +91,8 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// A frameWriter holds what compressing frames needs; Builds reuse them.
-// Reuse does not change a frame's bytes: EncodeAll resets the encoder's
-// state, so a frame depends only on its own content (TestFrameStateless).
+// A frameWriter holds the open frame's buffer; Builds reuse them.
 type frameWriter struct {
-	enc   *zstd.Encoder
 	frame []byte // uncompressed content of the open frame, cap FrameSize
 }
 
@@ -106,12 +103,19 @@ func getFrameWriter() (*frameWriter, error) {
 		w.frame = w.frame[:0]
 		return w, nil
 	}
-	enc, err := newFrameEncoder()
-	if err != nil {
-		return nil, err
-	}
-	return &frameWriter{enc: enc, frame: make([]byte, 0, FrameSize)}, nil
+	return &frameWriter{frame: make([]byte, 0, FrameSize)}, nil
 }
+
+// frameEncoder is the one encoder of the process: every Build compresses
+// its frames with it, at most frameEncoders at a time. One encoder at the
+// best level holds about 34 MiB of tables, so their number is bounded for
+// the process, whatever the cores and the concurrent Builds. Reuse does
+// not change a frame's bytes: EncodeAll resets the encoder's state, so a
+// frame depends only on its own content (TestFrameStateless).
+var frameEncoder = sync.OnceValues(newFrameEncoder)
+
+// frameEncoders bounds the frames compressed at once in the process.
+var frameEncoders = min(runtime.GOMAXPROCS(0), 4)
 
 // checkMediaType applies the format's rule for the recorded media type.
 func checkMediaType(s string) error {
@@ -131,7 +135,7 @@ func checkMediaType(s string) error {
 func newFrameEncoder() (*zstd.Encoder, error) {
 	return zstd.NewWriter(nil,
 		zstd.WithEncoderLevel(zstd.SpeedBestCompression),
-		zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
+		zstd.WithEncoderConcurrency(frameEncoders),
 		zstd.WithEncoderCRC(false),
 		zstd.WithSingleSegment(true),
 		zstd.WithZeroFrames(false),
@@ -168,7 +172,7 @@ func Build(ctx context.Context, r io.Reader, data io.Writer, opts Options) (*Ind
 		out:         data,
 		frameWriter: w,
 		dataHash:    sha256.New(),
-		workers:     make(chan struct{}, runtime.GOMAXPROCS(0)),
+		workers:     make(chan struct{}, frameEncoders),
 	}
 	b.src = &srcReader{ctx: ctx, r: r, h: sha256.New()}
 	return b.run()
@@ -711,9 +715,13 @@ func (b *builder) flush() error {
 	j := &compressJob{in: append(in, b.frame...), uoff: b.uoff, done: make(chan struct{})}
 	b.uoff += int64(len(b.frame))
 	b.frame = b.frame[:0]
+	enc, err := frameEncoder()
+	if err != nil {
+		return err
+	}
 	b.workers <- struct{}{}
 	go func() {
-		j.out = b.enc.EncodeAll(j.in, nil)
+		j.out = enc.EncodeAll(j.in, nil)
 		<-b.workers
 		close(j.done)
 	}()

@@ -228,7 +228,8 @@ func (f *fetcher) prefetchList(ks []int) {
 	// Frames whose bytes are on their way to the source already are read
 	// one by one, each as soon as it is there, not joined into runs.
 	pending := map[int]bool{}
-	if ps, ok := f.src.(PendingSource); ok {
+	ps, _ := f.src.(PendingSource)
+	if ps != nil {
 		for _, k := range ks {
 			if k >= 0 && k < len(f.ix.Frames) && ps.Pending(f.ix.Frames[k].COffset, f.ix.Frames[k].CSize) {
 				pending[k] = true
@@ -294,6 +295,8 @@ func (f *fetcher) prefetchList(ks []int) {
 		}
 		go func() {
 			defer f.fills.Done()
+			fr := &f.ix.Frames[k]
+			ps.Await(f.base, fr.COffset, fr.CSize)
 			f.fill([]int{k})
 		}()
 	}

@@ -436,6 +436,15 @@ func (s *pendingSource) Pending(off, n int64) bool {
 	return ok && n == s.ix.Frames[s.frameAt(off)].CSize
 }
 
+func (s *pendingSource) Await(ctx context.Context, off, n int64) {
+	if ch, ok := s.release[off]; ok {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+		}
+	}
+}
+
 func (s *pendingSource) frameAt(off int64) int {
 	for k, fr := range s.ix.Frames {
 		if fr.COffset == off {
@@ -500,4 +509,24 @@ func TestFetcherPrefetchPending(t *testing.T) {
 	if n != len(want) {
 		t.Errorf("%d reads, want %d", n, len(want))
 	}
+}
+
+// A frame whose bytes take longer to arrive than the fetch bounds is not
+// failed: the bounds start once the bytes are there.
+func TestFetcherPendingOutlastsBounds(t *testing.T) {
+	ix, data, content := manyFrames(t, 4)
+	src := &pendingSource{countingSource: countingSource{data: data}, ix: ix, release: map[int64]chan struct{}{}}
+	src.release[ix.Frames[2].COffset] = make(chan struct{})
+	f, _ := newTestFetcher(ix, src, nil, Options{FetchTimeout: 100 * time.Millisecond, AttemptTimeout: 50 * time.Millisecond})
+	defer f.close()
+	f.prefetchList([]int{2})
+	time.Sleep(300 * time.Millisecond)
+	close(src.release[ix.Frames[2].COffset])
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := f.frames(ctx, 2, 2)
+	if err != nil {
+		t.Fatalf("a frame that arrived after the fetch bounds failed: %v", err)
+	}
+	checkFrames(t, ix, content, 2, got)
 }

@@ -53,10 +53,13 @@ type Source interface {
 // A PendingSource is a Source that knows which bytes are on their way to
 // it already (fetched ahead, from a start-up profile): reading them costs
 // no request of its own, so a prefetch reads those frames one by one, each
-// as soon as it is there, instead of joining them into runs.
+// as soon as it is there (Await returns when the bytes have arrived, or
+// their fetch failed, or ctx is done), instead of joining them into runs.
+// The read's own time bounds start once they are there.
 type PendingSource interface {
 	Source
 	Pending(off, n int64) bool
+	Await(ctx context.Context, off, n int64)
 }
 
 // Options tune an FS. The zero value gives the defaults.

@@ -264,6 +264,19 @@ func (eb *earlyBlob) parts(off, n int64) ([]*earlyPiece, bool) {
 	return parts, true
 }
 
+// await returns when the pieces holding bytes [off, off+n) are done, or
+// ctx is.
+func (eb *earlyBlob) await(ctx context.Context, off, n int64) {
+	parts, _ := eb.parts(off, n)
+	for _, p := range parts {
+		select {
+		case <-p.done:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
 // read returns bytes [off, off+n) of the blob if early pieces cover all of
 // them, waiting for those pieces; ok is false when they do not, or one
 // failed (the caller asks the registry).

@@ -173,6 +173,8 @@ type Image struct {
 	// first container records one).
 	Profile    *api.Profile `json:"profile,omitempty"`
 	Unprofiled bool         `json:"unprofiled,omitempty"`
+	// PlainHTTP: the image was pulled over plain HTTP (--plain-http).
+	PlainHTTP bool `json:"plainHTTP,omitempty"`
 }
 
 // Lease keeps an image's layers mounted.
@@ -260,13 +262,44 @@ func (m *Manager) restore(ctx context.Context) {
 			os.Remove(p)
 			continue
 		}
-		if _, err := m.acquire(ctx, l.ID, l.Image, l.Union, l.PID, false); err != nil {
+		_, err = m.acquire(ctx, l.ID, l.Image, l.Union, l.PID, false)
+		if errors.Is(err, errNotPulled) {
+			// A saved index lost to a crash: fetch the image's indexes
+			// again (those intact are kept) and mount.
+			m.log.Warn("fetching indexes again", "id", l.ID, "ref", l.Ref, "err", err)
+			if err = m.refetchIndexes(ctx, l.Image); err == nil {
+				_, err = m.acquire(ctx, l.ID, l.Image, l.Union, l.PID, false)
+			}
+		}
+		if err != nil {
 			m.log.Warn("cannot restore lease", "id", l.ID, "err", err)
 			os.Remove(p)
 			continue
 		}
 		m.log.Info("restored lease", "id", l.ID, "ref", l.Ref, "union", l.Union)
 	}
+}
+
+// refetchIndexes fetches the saved indexes of img's lazy layers that are
+// missing or damaged.
+func (m *Manager) refetchIndexes(ctx context.Context, img *Image) error {
+	diffIDs := img.Config.RootFS.DiffIDs
+	if len(diffIDs) != len(img.Layers) {
+		return fmt.Errorf("image %s: %d diff IDs for %d layers", img.Ref, len(diffIDs), len(img.Layers))
+	}
+	if img.PlainHTTP {
+		m.setPlain(img.Registry, true)
+	}
+	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
+	for i, l := range img.Layers {
+		if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "unpacked")); err == nil {
+			continue
+		}
+		if err := m.fetchIndex(ctx, repo, l, diffIDs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func alive(pid int) bool {
@@ -372,6 +405,7 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 	rec := &Image{
 		Ref: r.String(), Digest: img.Digest, Registry: r.Registry, Repo: r.Name,
 		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
+		PlainHTTP: plainHTTP,
 	}
 	lazy, reason := offer()
 	layers := img.Manifest.Layers
@@ -984,14 +1018,17 @@ func (m *Manager) narrowReadahead(l *layer) {
 		l.raTimer.Stop()
 	}
 	srv := l.server
-	l.raTimer = time.AfterFunc(startupWindow, func() {
+	var t *time.Timer
+	t = time.AfterFunc(startupWindow, func() {
 		m.mu.Lock()
 		defer m.mu.Unlock()
-		if l.server == srv && l.raTimer != nil {
+		// Not when a later start replaced this timer while it fired.
+		if l.server == srv && l.raTimer == t {
 			srv.SetReadahead(l.raDefault)
 			l.raTimer = nil
 		}
 	})
+	l.raTimer = t
 }
 
 // startupReadaheadKB and startupWindow: see narrowReadahead.
@@ -1082,6 +1119,17 @@ func (s *blobSource) Pending(off, n int64) bool {
 	}
 	eb := s.m.earlyFor(s.digest)
 	return eb != nil && eb.covers(off, n)
+}
+
+// Await returns when the early pieces holding bytes [off, off+n) have
+// arrived or failed, or ctx is done.
+func (s *blobSource) Await(ctx context.Context, off, n int64) {
+	if s.m == nil {
+		return
+	}
+	if eb := s.m.earlyFor(s.digest); eb != nil {
+		eb.await(ctx, off, n)
+	}
 }
 
 func (s *blobSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {

@@ -273,10 +273,13 @@ func parseContentRange(v string) (start, end, size int64, err error) {
 // overlap. A registry may join ranges into larger parts; a part is taken
 // for every range it covers. It fails with an error wrapping
 // ErrUnsupported, before any range is handed over, when the registry
-// answers with the whole blob (it does not serve multiple ranges); with
-// another error when ranges are missing once the response ended (the
-// ranges handed over stay handed over). Retries ask for every range again
-// and hand over only those not handed over yet.
+// answers with the whole blob (it does not serve multiple ranges; the
+// client remembers that, and later calls for that registry fail at once);
+// with another error when ranges are missing once the response ended (the
+// ranges handed over stay handed over), or a part lies outside the span of
+// the ranges asked. Only the bytes of asked ranges are kept; the rest of a
+// part is read and dropped. Retries ask for every range again and hand
+// over only those not handed over yet.
 func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Digest, ranges [][2]int64, got func(i int, b []byte)) error {
 	if err := dgst.Validate(); err != nil {
 		return fmt.Errorf("read ranges of blob %q: %w", dgst, err)
@@ -307,24 +310,46 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 			return fmt.Errorf("read ranges of blob %s: ranges overlap at %d", dgst, sorted[i][0])
 		}
 	}
-	// No part can be longer than the ranges' span (one joining them all).
-	span := sorted[len(sorted)-1][0] + sorted[len(sorted)-1][1] - sorted[0][0]
+	if c.noMultiRange(repo.Registry) {
+		return fmt.Errorf("read ranges of blob %s: %w: %s serves one range per request", dgst, ErrUnsupported, repo.Registry)
+	}
+	// Parts must lie within the span of the ranges asked.
+	lo, hi := sorted[0][0], sorted[len(sorted)-1][0]+sorted[len(sorted)-1][1]
 	handed := make([]bool, len(ranges))
 	left := len(ranges)
-	// take hands over every range that part [start, start+len(b)) covers.
-	take := func(start int64, b []byte) {
-		end := start + int64(len(b))
-		lo, _ := slices.BinarySearchFunc(sorted, start, func(r [2]int64, off int64) int { return cmp.Compare(r[0], off) })
-		for _, r := range sorted[lo:] {
-			if r[0]+r[1] > end {
-				break
+	// readPart reads part [s, e] of the blob from r: the bytes of every
+	// range it covers into a buffer of that range's own, the rest
+	// discarded, and hands those ranges over.
+	readPart := func(r io.Reader, cr string) error {
+		s, e, _, err := parseContentRange(cr)
+		if err != nil {
+			return fmt.Errorf("%w: part: %v", ErrInvalidResponse, err)
+		}
+		if s < lo || e >= hi {
+			return fmt.Errorf("%w: part %d-%d outside the ranges asked (%d-%d)", ErrInvalidResponse, s, e, lo, hi-1)
+		}
+		at := s
+		i, _ := slices.BinarySearchFunc(sorted, s, func(r [2]int64, off int64) int { return cmp.Compare(r[0], off) })
+		for ; i < len(sorted) && sorted[i][0]+sorted[i][1]-1 <= e; i++ {
+			rg := sorted[i]
+			if _, err := io.CopyN(io.Discard, r, rg[0]-at); err != nil {
+				return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
 			}
-			if i := byStart[r[0]]; !handed[i] {
-				handed[i] = true
+			b := make([]byte, rg[1])
+			if _, err := io.ReadFull(r, b); err != nil {
+				return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
+			}
+			at = rg[0] + rg[1]
+			if k := byStart[rg[0]]; !handed[k] {
+				handed[k] = true
 				left--
-				got(i, b[r[0]-start:r[0]-start+r[1]])
+				got(k, b)
 			}
 		}
+		if _, err := io.CopyN(io.Discard, r, e+1-at); err != nil {
+			return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
+		}
+		return nil
 	}
 	_, err := c.send(ctx, request{
 		method:   http.MethodGet,
@@ -336,12 +361,13 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 		timeout:  c.opts.RangeTimeout,
 		read: func(resp *http.Response) error {
 			if resp.StatusCode != http.StatusPartialContent {
+				c.setNoMultiRange(repo.Registry)
 				return fmt.Errorf("%w: the registry answered a multi-range request with the whole blob", ErrUnsupported)
 			}
 			mt, params, err := mime.ParseMediaType(resp.Header.Get("Content-Type"))
 			if err != nil || mt != "multipart/byteranges" {
 				// One part: the registry joined the ranges, or one was asked.
-				return readPart(resp.Body, resp.Header.Get("Content-Range"), span, take)
+				return readPart(resp.Body, resp.Header.Get("Content-Range"))
 			}
 			mr := multipart.NewReader(resp.Body, params["boundary"])
 			for {
@@ -352,7 +378,7 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 				if err != nil {
 					return fmt.Errorf("read multipart/byteranges: %w", err)
 				}
-				if err := readPart(part, part.Header.Get("Content-Range"), span, take); err != nil {
+				if err := readPart(part, part.Header.Get("Content-Range")); err != nil {
 					return err
 				}
 			}
@@ -367,20 +393,11 @@ func (c *Client) ReadRanges(ctx context.Context, repo Repository, dgst digest.Di
 	return nil
 }
 
-// readPart reads one part of a range response, whose Content-Range is cr
-// and which may not be longer than max, and hands it to take.
-func readPart(r io.Reader, cr string, max int64, take func(start int64, b []byte)) error {
-	s, e, _, err := parseContentRange(cr)
-	if err != nil {
-		return fmt.Errorf("%w: part: %v", ErrInvalidResponse, err)
-	}
-	if e-s+1 > max {
-		return fmt.Errorf("%w: part of %d bytes for ranges spanning %d", ErrInvalidResponse, e-s+1, max)
-	}
-	b := make([]byte, e-s+1)
-	if _, err := io.ReadFull(r, b); err != nil {
-		return fmt.Errorf("read bytes %d-%d: %w", s, e, err)
-	}
-	take(s, b)
-	return nil
+// noMultiRange reports whether registry answered a multi-range request
+// with the whole blob before; setNoMultiRange records that it did.
+func (c *Client) noMultiRange(registry string) bool {
+	_, ok := c.singleRange.Load(registry)
+	return ok
 }
+
+func (c *Client) setNoMultiRange(registry string) { c.singleRange.Store(registry, true) }

@@ -24,6 +24,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"sync"
 	"time"
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -105,6 +106,9 @@ type Client struct {
 	userAgent string
 	auth      authState
 	pool      *connPool // nil: the caller's Transport
+	// singleRange holds the registries that answer a multi-range request
+	// with the whole blob (ReadRanges then does not ask them again).
+	singleRange sync.Map
 }
 
 // New returns a client.

@@ -508,6 +508,14 @@ func TestReadRangesResponses(t *testing.T) {
 		{"200 with the whole blob", func(w http.ResponseWriter, r *http.Request, n int) {
 			w.Write(data)
 		}, "", remote.ErrUnsupported, 1},
+		{"a part of absurd length", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Header().Set("Content-Range", "bytes 0-9223372036854775807/*")
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(data)
+		}, "", remote.ErrInvalidResponse, 1},
+		{"a part outside the ranges asked", func(w http.ResponseWriter, r *http.Request, n int) {
+			writeParts(w, [][2]int{{20, 22}, {0, 14}}, false)
+		}, "0:klm", remote.ErrInvalidResponse, 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -572,6 +580,11 @@ func TestLayerIndexResponses(t *testing.T) {
 			w.Header().Set("Docker-Content-Digest", d.String())
 			w.Write(index[1:])
 		}, remote.ErrDigestMismatch, 1},
+		{"a small body that expands to a huge one", func(w http.ResponseWriter, r *http.Request, n int) {
+			w.Header().Set("Docker-Content-Digest", d.String())
+			w.Header().Set("Content-Encoding", "zstd")
+			w.Write(enc.EncodeAll(make([]byte, 64<<20), nil))
+		}, remote.ErrInvalidResponse, 1},
 		{"unknown encoding", func(w http.ResponseWriter, r *http.Request, n int) {
 			w.Header().Set("Docker-Content-Digest", d.String())
 			w.Header().Set("Content-Encoding", "br")
@@ -627,5 +640,21 @@ func numberedServer(t *testing.T, handler func(w http.ResponseWriter, r *http.Re
 		mu.Lock()
 		defer mu.Unlock()
 		return count
+	}
+}
+
+func TestReadRangesRemembersSingleRangeRegistries(t *testing.T) {
+	data := []byte("0123456789abcdefghijklmnopqrstuvwxyz")
+	srv, hits := numberedServer(t, func(w http.ResponseWriter, r *http.Request, n int) { w.Write(data) })
+	c := newClient(t, remote.Options{})
+	repo := parseRef(t, hostOf(srv)+"/a/b").Repository
+	for range 2 {
+		err := c.ReadRanges(context.Background(), repo, digest.FromBytes(data), [][2]int64{{1, 2}, {5, 2}}, func(int, []byte) {})
+		if !errors.Is(err, remote.ErrUnsupported) {
+			t.Fatalf("ReadRanges: %v, want ErrUnsupported", err)
+		}
+	}
+	if n := hits(); n != 1 {
+		t.Errorf("%d requests, want 1: a registry that answered with the whole blob is not asked for several ranges again", n)
 	}
 }

@@ -136,16 +136,21 @@ func (c *Client) whileExpanding(ctx context.Context, repo Repository, layer dige
 	}
 }
 
-// MaxIndexBytes bounds an index LayerIndex accepts, decompressed.
-const MaxIndexBytes = 256 << 20
+// MaxIndexBytes bounds an index LayerIndex accepts, decompressed; a
+// compressed one may also not expand more than maxIndexRatio times (an
+// index compresses about 1.4 times).
+const (
+	MaxIndexBytes = 128 << 20
+	maxIndexRatio = 16
+)
 
 // LayerIndex fetches the index of layer's expansion in repo with one
 // request (GET /v2/<name>/_strata/layers/<digest>/index), compressed with
 // zstd on the wire where the registry offers that, and verifies it
 // against the digest the registry names for it. It waits for an expansion
-// in progress and fails as Mount does. A registry without the route
-// (404 NOT_FOUND, 405) is ErrUnsupported: ask with Mount, then read the
-// index blob.
+// in progress and fails as Mount does. A registry without the route, or
+// whose answer is malformed, is ErrUnsupported: ask with Mount, then read
+// the index blob.
 func (c *Client) LayerIndex(ctx context.Context, repo Repository, layer digest.Digest) (digest.Digest, []byte, error) {
 	var (
 		d   digest.Digest
@@ -163,29 +168,36 @@ func (c *Client) LayerIndex(ctx context.Context, repo Repository, layer digest.D
 				return fmt.Errorf("%w: index digest %q: %v", ErrInvalidResponse, resp.Header.Get("Docker-Content-Digest"), err)
 			}
 			var body io.Reader = resp.Body
+			limit := int64(MaxIndexBytes)
 			switch enc := resp.Header.Get("Content-Encoding"); enc {
 			case "":
 			case "zstd":
-				zr, err := zstd.NewReader(resp.Body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxIndexBytes))
+				in := &countingReader{r: resp.Body}
+				zr, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(limit)))
 				if err != nil {
 					return err
 				}
 				defer zr.Close()
-				body = zr
+				body = &ratioReader{r: zr, in: in}
 			default:
 				return fmt.Errorf("%w: index in Content-Encoding %q", ErrInvalidResponse, enc)
 			}
-			raw, err = io.ReadAll(io.LimitReader(body, MaxIndexBytes+1))
+			raw, err = io.ReadAll(io.LimitReader(body, limit+1))
 			if err != nil {
 				return fmt.Errorf("read index: %w", err)
 			}
-			if len(raw) > MaxIndexBytes {
-				return fmt.Errorf("%w: index larger than %d bytes", ErrInvalidResponse, MaxIndexBytes)
+			if int64(len(raw)) > limit {
+				return fmt.Errorf("%w: index larger than %d bytes", ErrInvalidResponse, limit)
 			}
 			return nil
 		},
 	})
-	if re := (*Error)(nil); errors.As(err, &re) && (re.StatusCode == http.StatusMethodNotAllowed || re.StatusCode == http.StatusNotFound && re.Code() == "NOT_FOUND") {
+	// Any failure of the route itself (it is missing, a proxy does not
+	// route it, its answer is malformed) is ErrUnsupported, for the caller
+	// to ask with Mount, whose answer is authoritative; a layer that is not
+	// in the repository, cannot be expanded or is still expanding is not.
+	if re := (*Error)(nil); errors.As(err, &re) && (re.StatusCode == http.StatusMethodNotAllowed || re.StatusCode == http.StatusNotFound && re.Code() != "BLOB_UNKNOWN") ||
+		errors.Is(err, ErrInvalidResponse) && ctx.Err() == nil {
 		return "", nil, fmt.Errorf("index of layer %s: %w: %w", layer, ErrUnsupported, err)
 	}
 	if err != nil {
@@ -276,4 +288,33 @@ func (c *Client) PutProfile(ctx context.Context, repo Repository, m digest.Diges
 		return fmt.Errorf("store start-up profile of %s@%s: %w", repo, m, err)
 	}
 	return nil
+}
+
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// A ratioReader fails once what it has read from r (a decompressor) is
+// more than maxIndexRatio times what the decompressor read from in, plus
+// 64 KiB: a small body may not expand into a huge one.
+type ratioReader struct {
+	r  io.Reader
+	in *countingReader
+	n  int64
+}
+
+func (z *ratioReader) Read(p []byte) (int, error) {
+	n, err := z.r.Read(p)
+	z.n += int64(n)
+	if z.n > maxIndexRatio*z.in.n+64<<10 {
+		return n, fmt.Errorf("%w: index expands more than %d times", ErrInvalidResponse, maxIndexRatio)
+	}
+	return n, err
 }
