@@ -16,8 +16,9 @@
 //	PUT  /v2/<name>/_strata/profiles/<manifest-digest>    → 201: stores the image's start-up profile
 //	                                                        (authorized as a push to <name>)
 //
-// The index and data blobs named by a MountDescriptor are read, with Range,
-// through the ordinary GET /v2/<name>/blobs/<digest>.
+// The index and data blobs named by a MountDescriptor, and the pack blob of
+// a Profile, are read, with Range, through the ordinary
+// GET /v2/<name>/blobs/<digest>.
 package api
 
 import (
@@ -81,7 +82,40 @@ type Profile struct {
 	// Version is the format version of the indexes whose frames are listed.
 	Version int            `json:"version"`
 	Layers  []ProfileLayer `json:"layers"`
+	// Pack is made by the registry when the layers list Pages (a Pack in
+	// a PUT is ignored): exactly the pages the start reads, in the order
+	// first read, compressed, in one blob of the repository.
+	Pack *Pack `json:"pack,omitempty"`
 }
+
+// A Pack holds the pages a profile lists: their bytes, from the layers'
+// uncompressed streams, one span after the other in first-read order, cut
+// into chunks of at most PackChunkSize bytes, each compressed alone as one
+// zstd frame; the frames one after the other are the pack blob. A node
+// fetches the blob in order and serves the reads the spans cover from it,
+// verifying each chunk against its digest first.
+type Pack struct {
+	// Digest and Size are the pack blob's.
+	Digest digest.Digest `json:"digest"`
+	Size   int64         `json:"size"`
+	// Spans are [layer, offset, length]: layer indexes Profile.Layers,
+	// offset and length are in that layer's uncompressed stream.
+	Spans [][3]int64 `json:"spans"`
+	// Chunks are the chunks in order.
+	Chunks []PackChunk `json:"chunks"`
+}
+
+// A PackChunk is one zstd frame of a pack blob.
+type PackChunk struct {
+	// Size is the compressed size, USize what it decompresses to.
+	Size  int64 `json:"size"`
+	USize int64 `json:"usize"`
+	// Digest is the digest of the compressed bytes.
+	Digest digest.Digest `json:"digest"`
+}
+
+// PackChunkSize bounds the uncompressed bytes of a pack chunk.
+const PackChunkSize = 128 << 10
 
 // ProfileLayer lists the frames read from one layer.
 type ProfileLayer struct {
@@ -100,6 +134,13 @@ type ProfileLayer struct {
 	// its layers (0 first), so a node can fetch the frames of every layer
 	// in the order they will be needed.
 	Ranks []int `json:"ranks,omitempty"`
+	// Pages, if present, are the byte ranges [offset, length] of the
+	// layer's uncompressed stream that the start read, whole 4 KiB pages
+	// of the stream, and PageRanks their places in the order the image's
+	// pages were first read across all its layers (0 first). The registry
+	// makes Profile.Pack of them.
+	Pages     [][2]int64 `json:"pages,omitempty"`
+	PageRanks []int      `json:"pageRanks,omitempty"`
 }
 
 // Error codes the extension adds to the distribution spec's table.

@@ -44,6 +44,7 @@ func TestStartupProfile(t *testing.T) {
 	resp.Body.Close()
 	m := digest.Digest(resp.Header.Get("Docker-Content-Digest"))
 	profileURL := "http://" + reg.Addr + api.ProfilePath("debian/python", m)
+	var startOn func(root string, flags ...string) int64
 	getProfile := func() (*api.Profile, int) {
 		resp, err := http.Get(profileURL)
 		if err != nil {
@@ -59,9 +60,14 @@ func TestStartupProfile(t *testing.T) {
 		return &p, resp.StatusCode
 	}
 
+	var root string
 	start := func(flags ...string) int64 {
 		t.Helper()
-		root := nodeRoot(t)
+		root = nodeRoot(t)
+		return startOn(root, flags...)
+	}
+	startOn = func(root string, flags ...string) int64 {
+		t.Helper()
 		before := settledBytesServed(t, reg)
 		args := append(flags, "run", "--rm", "--plain-http", ref, "python3", "-c", `print("hello")`)
 		if out := strata(t, root, args...); out != "hello\n" {
@@ -93,14 +99,32 @@ func TestStartupProfile(t *testing.T) {
 	for _, r := range pl.Ranges {
 		profiled += r[1]
 	}
+	// The registry packed the pages the start read: fewer bytes than
+	// the frames holding them.
+	if p.Pack == nil || len(pl.Pages) == 0 || len(pl.PageRanks) != len(pl.Pages) {
+		t.Fatalf("no start-up pack: %d page ranges, pack %+v", len(pl.Pages), p.Pack)
+	}
+	var pages int64
+	for _, r := range pl.Pages {
+		pages += r[1]
+	}
+	if p.Pack.Size >= profiled {
+		t.Errorf("the pack is %d bytes, not less than the %d of the frames", p.Pack.Size, profiled)
+	}
 	with := start("--startup-profiles", "use")
-	t.Logf("bytes fetched: without a profile %d, recording one %d, with it %d (%d frames, %d bytes)", without, recording, with, len(pl.Frames), profiled)
+	t.Logf("bytes fetched: without a profile %d, recording one %d, with it %d (%d frames, %d bytes; pack of %d bytes of pages in %d bytes)",
+		without, recording, with, len(pl.Frames), profiled, pages, p.Pack.Size)
 	if with >= without {
 		t.Errorf("a node with the profile fetched %d bytes, not less than %d without", with, without)
 	}
-	// The profiled frames are fetched once, ahead (the index, manifest
-	// and config are the rest): a read of them does not fetch them again.
-	if limit := profiled*5/4 + 1<<20; with > limit {
-		t.Errorf("a node with the profile fetched %d bytes, more than %d (the profile's %d bytes, a quarter more, and 1 MiB)", with, limit, profiled)
+	// The pack is fetched once, ahead (the index, manifest and config are
+	// the rest), and the reads take their pages from it, fetching no
+	// frames.
+	if limit := p.Pack.Size + 1<<20; with > limit {
+		t.Errorf("a node with the profile fetched %d bytes, more than %d (the pack's %d bytes and 1 MiB)", with, limit, p.Pack.Size)
+	}
+	// Another container on that node has the pack's pages there.
+	if again := startOn(root, "--startup-profiles", "use"); again > 64<<10 {
+		t.Errorf("a second start on the node fetched %d bytes", again)
 	}
 }

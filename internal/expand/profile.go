@@ -49,7 +49,10 @@ func (s *Service) Profile(ctx context.Context, repo string, m digest.Digest) ([]
 // repo, replacing any before it. Every layer it names must be a layer of
 // the image whose expansion has data blob Data; frame indexes must not be
 // negative and are not more than maxProfileFrames in all; ranges must be in
-// the data blob; ranks, if given, number all frames from 0. A profile that
+// the data blob; ranks, if given, number all frames from 0; page ranges
+// must be in the layer's uncompressed stream, and page ranks, if given,
+// number them all from 0. The registry makes the pack of the pages
+// (api.Pack) and stores it with the profile. A profile that
 // fails is refused with an error wrapping ErrBadProfile (or
 // store.ErrManifestUnknown).
 func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, p *api.Profile) error {
@@ -98,25 +101,59 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 			return fmt.Errorf("%w: more than %d frames", ErrBadProfile, maxProfileFrames)
 		}
 	}
-	// Ranks, where given, number all the frames listed from 0, each once.
-	var ranks []int
+	// Ranks, where given, number all the frames listed from 0, each once;
+	// and so do page ranks the pages.
+	var ranks, pageRanks []int
+	pages := 0
 	for _, l := range p.Layers {
 		ranks = append(ranks, l.Ranks...)
+		pageRanks = append(pageRanks, l.PageRanks...)
+		if pages += len(l.Pages); pages > maxProfileFrames {
+			return fmt.Errorf("%w: more than %d page ranges", ErrBadProfile, maxProfileFrames)
+		}
 	}
-	if len(ranks) > 0 {
-		if len(ranks) != n {
-			return fmt.Errorf("%w: ranks given for some layers only", ErrBadProfile)
-		}
-		slices.Sort(ranks)
-		for i, r := range ranks {
-			if r != i {
-				return fmt.Errorf("%w: ranks are not 0 to %d, each once", ErrBadProfile, n-1)
+	if err := checkRanks(ranks, n, "frame"); err != nil {
+		return err
+	}
+	if err := checkRanks(pageRanks, pages, "page"); err != nil {
+		return err
+	}
+	p.Pack = nil // the registry's to make
+	if pages > 0 {
+		ixs := make([]*layerindex.Index, len(p.Layers))
+		mds := make([]*api.MountDescriptor, len(p.Layers))
+		for i := range p.Layers {
+			l := &p.Layers[i]
+			if len(l.Pages) == 0 {
+				continue
 			}
+			mds[i] = s.done(l.Layer)
+			ix, err := s.loadIndex(ctx, repo, mds[i])
+			if err != nil {
+				return fmt.Errorf("layer %s: index: %w", l.Layer, err)
+			}
+			if err := checkPages(l, ix); err != nil {
+				return err
+			}
+			ixs[i] = ix
 		}
+		pack, err := s.buildPack(ctx, repo, p, ixs, mds)
+		if err != nil {
+			// The profile is still worth its frames.
+			s.log.Warn("start-up pack not made", "repo", repo, "manifest", m, "err", err)
+		}
+		p.Pack = pack
 	}
 	b, err := json.Marshal(p)
 	if err != nil {
 		return err
+	}
+	if len(b) > api.MaxProfileBytes && p.Pack != nil {
+		// Served whole or not at all: without its pack, then.
+		p.Pack = nil
+		if b, err = json.Marshal(p); err != nil {
+			return err
+		}
 	}
 	path := s.profilePath(repo, m)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {

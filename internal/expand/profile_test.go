@@ -1,10 +1,13 @@
 package expand_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"testing"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/api"
@@ -84,5 +87,96 @@ func TestProfileAPI(t *testing.T) {
 	}
 	if code, _, _ := req(t, "GET", url, nil); code != 404 {
 		t.Errorf("GET after the manifest was deleted: %d", code)
+	}
+}
+
+// TestProfilePack: a profile that lists pages gets a pack of exactly those
+// bytes, in first-read order, as zstd chunks with their digests; pages
+// outside the stream are refused; a pack in a PUT is the registry's to
+// make.
+func TestProfilePack(t *testing.T) {
+	srv := start(t, t.TempDir())
+	defer srv.stop()
+	tr, content := files(t)
+	m, descs := pushImage(t, srv.URL, "lib/app", "v1", ocilayout.GzipLayer(tr))
+	layer := descs[0].Digest
+	code, body := mount(t, srv.URL, "lib/app", layer)
+	var md api.MountDescriptor
+	if code != 200 || json.Unmarshal(body, &md) != nil {
+		t.Fatalf("mount: %d %s", code, body)
+	}
+	code, _, raw := req(t, "GET", srv.URL+"/v2/lib/app/blobs/"+md.Index.Digest.String(), nil)
+	ix, err := layerindex.Decode(raw)
+	if code != 200 || err != nil {
+		t.Fatalf("index: %d %v", code, err)
+	}
+	at := func(p string) int64 {
+		i, ok := ix.Lookup(p)
+		if !ok {
+			t.Fatalf("no %s", p)
+		}
+		return ix.Entries[i].Offset
+	}
+	big, hello := at("usr/lib/big"), at("etc/hello")
+	url := srv.URL + api.ProfilePath("lib/app", m)
+	put := func(p api.Profile) (int, []byte) {
+		b, _ := json.Marshal(p)
+		code, _, body := req(t, "PUT", url, b, "Content-Type", "application/json")
+		return code, body
+	}
+	profile := func(pages [][2]int64, ranks []int) api.Profile {
+		return api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{
+			Layer: layer, Data: md.Data.Digest, Frames: []int{0}, Pages: pages, PageRanks: ranks,
+		}}}
+	}
+	for name, p := range map[string]api.Profile{
+		"page past the stream":  profile([][2]int64{{ix.StreamSize - 10, 20}}, nil),
+		"negative page":         profile([][2]int64{{-1, 20}}, nil),
+		"empty page":            profile([][2]int64{{0, 0}}, nil),
+		"ranks for other pages": profile([][2]int64{{0, 10}, {20, 10}}, []int{0}),
+		"page ranks not from 0": profile([][2]int64{{0, 10}, {20, 10}}, []int{1, 2}),
+	} {
+		if code, body := put(p); code != 400 {
+			t.Errorf("%s: PUT %d %s, want 400", name, code, body)
+		}
+	}
+
+	p := profile([][2]int64{{big + 300000, 200000}, {big + 10, 5000}, {hello, 6}}, []int{1, 0, 2})
+	p.Pack = &api.Pack{Digest: digest.FromString("forged"), Size: 1}
+	if code, body := put(p); code != 201 {
+		t.Fatalf("PUT: %d %s", code, body)
+	}
+	code, _, body = req(t, "GET", url, nil)
+	var got api.Profile
+	if code != 200 || json.Unmarshal(body, &got) != nil || got.Pack == nil {
+		t.Fatalf("GET: %d %s", code, body)
+	}
+	k := got.Pack
+	want := slices.Concat(content["usr/lib/big"][10:5010], content["usr/lib/big"][300000:500000], content["etc/hello"])
+	code, _, blob := req(t, "GET", srv.URL+"/v2/lib/app/blobs/"+k.Digest.String(), nil)
+	if code != 200 || int64(len(blob)) != k.Size || digest.FromBytes(blob) != k.Digest {
+		t.Fatalf("pack blob: %d, %d bytes, want %d of %s", code, len(blob), k.Size, k.Digest)
+	}
+	dec, _ := zstd.NewReader(nil)
+	defer dec.Close()
+	var unpacked []byte
+	for i, c := range k.Chunks {
+		cb := blob[:c.Size]
+		blob = blob[c.Size:]
+		if digest.FromBytes(cb) != c.Digest {
+			t.Errorf("chunk %d: digest differs", i)
+		}
+		b, err := dec.DecodeAll(cb, nil)
+		if err != nil || int64(len(b)) != c.USize || c.USize > api.PackChunkSize {
+			t.Fatalf("chunk %d: %d bytes (%v), want %d", i, len(b), err, c.USize)
+		}
+		unpacked = append(unpacked, b...)
+	}
+	if !bytes.Equal(unpacked, want) || len(k.Chunks) != 2 {
+		t.Errorf("pack holds %d bytes in %d chunks, want the %d bytes of the pages in first-read order in 2", len(unpacked), len(k.Chunks), len(want))
+	}
+	wantSpans := [][3]int64{{0, big + 10, 5000}, {0, big + 300000, 200000}, {0, hello, 6}}
+	if !slices.Equal(k.Spans, wantSpans) {
+		t.Errorf("spans %v, want %v", k.Spans, wantSpans)
 	}
 }

@@ -1,6 +1,7 @@
 package layerfs
 
 import (
+	"cmp"
 	"container/list"
 	"context"
 	"errors"
@@ -47,11 +48,28 @@ type fetcher struct {
 }
 
 // A recording lists the frames read, in the order first read, each with
-// its place in readSeq.
+// its place in readSeq; and the bytes of the uncompressed stream read, as
+// ranges in the order first read, each with its place.
 type recording struct {
 	seen  map[int]bool
 	order []int
 	seq   []uint64
+
+	read    intervals
+	pages   [][2]int64
+	pageSeq []uint64
+}
+
+// A Recording is what StopRecording returns: the frames read, in the order
+// first read, and the bytes of the uncompressed stream read (ranges
+// [offset, length]; the kernel reads whole pages of a file), in the order
+// first read, each with its place (Seq, PageSeq) in an order of first
+// reads common to every FS of the process.
+type Recording struct {
+	Frames  []int
+	Seq     []uint64
+	Pages   [][2]int64
+	PageSeq []uint64
 }
 
 // readSeq orders the first reads of frames across the recordings of every
@@ -114,15 +132,7 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 			delete(f.failed, k)
 		}
 	}
-	if r := f.rec; r != nil {
-		for k := first; k <= last; k++ {
-			if !r.seen[k] {
-				r.seen[k] = true
-				r.order = append(r.order, k)
-				r.seq = append(r.seq, readSeq.Add(1))
-			}
-		}
-	}
+	f.noteFrames(first, last)
 	for k := first; k <= last; k++ {
 		if b, ok := f.mem.get(k); ok {
 			out[k-first] = b
@@ -354,15 +364,86 @@ func (f *fetcher) startRecording() {
 	}
 }
 
-func (f *fetcher) stopRecording() ([]int, []uint64) {
+func (f *fetcher) stopRecording() Recording {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.rec == nil {
-		return nil, nil
+		return Recording{}
 	}
 	r := f.rec
 	f.rec = nil
-	return r.order, r.seq
+	return Recording{Frames: r.order, Seq: r.seq, Pages: r.pages, PageSeq: r.pageSeq}
+}
+
+// noteFrames records a read of frames first to last. f.mu is held.
+func (f *fetcher) noteFrames(first, last int) {
+	r := f.rec
+	if r == nil {
+		return
+	}
+	for k := first; k <= last; k++ {
+		if !r.seen[k] {
+			r.seen[k] = true
+			r.order = append(r.order, k)
+			r.seq = append(r.seq, readSeq.Add(1))
+		}
+	}
+}
+
+// notePages records a read of bytes [off, off+n) of the uncompressed
+// stream: the parts of it not read before, as ranges; a range that
+// continues the one recorded last extends it.
+func (f *fetcher) notePages(off, n int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := f.rec
+	if r == nil || n <= 0 {
+		return
+	}
+	for _, g := range r.read.add(off, off+n) {
+		if k := len(r.pages) - 1; k >= 0 && r.pages[k][0]+r.pages[k][1] == g[0] {
+			r.pages[k][1] += g[1] - g[0]
+			continue
+		}
+		r.pages = append(r.pages, [2]int64{g[0], g[1] - g[0]})
+		r.pageSeq = append(r.pageSeq, readSeq.Add(1))
+	}
+}
+
+// recording reports whether reads are being recorded.
+func (f *fetcher) recording() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.rec != nil
+}
+
+// An intervals is a set of byte ranges [lo, hi): sorted, neither
+// overlapping nor touching.
+type intervals [][2]int64
+
+// add adds [lo, hi) to the set and returns the parts of it that were not
+// in the set, in order.
+func (s *intervals) add(lo, hi int64) (gaps [][2]int64) {
+	iv := *s
+	i, _ := slices.BinarySearchFunc(iv, lo, func(x [2]int64, lo int64) int { return cmp.Compare(x[1], lo) })
+	// iv[i] is the first interval ending at or after lo.
+	j := i
+	at := lo
+	for ; j < len(iv) && iv[j][0] <= hi; j++ {
+		if iv[j][0] > at {
+			gaps = append(gaps, [2]int64{at, iv[j][0]})
+		}
+		at = max(at, iv[j][1])
+	}
+	if at < hi {
+		gaps = append(gaps, [2]int64{at, hi})
+	}
+	merged := [2]int64{lo, hi}
+	if i < j {
+		merged = [2]int64{min(lo, iv[i][0]), max(hi, iv[j-1][1])}
+	}
+	*s = slices.Replace(iv, i, j, merged)
+	return gaps
 }
 
 // prefetch starts flights for the frames first to last that are not in

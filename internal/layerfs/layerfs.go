@@ -62,6 +62,20 @@ type PendingSource interface {
 	Await(ctx context.Context, off, n int64)
 }
 
+// A PageSource is a Source that may hold pages of the layer's
+// uncompressed stream fetched ahead of the reads (a start-up pack, see
+// api.Pack), verified before it hands them over. ReadPages fills dest with
+// bytes [off, off+len(dest)) of the stream when it holds all of them,
+// waiting for those still on their way until ctx is done; it returns false
+// when it does not hold them all or their fetch failed, and the FS reads
+// the frames instead. CoversPages reports, without waiting, whether it
+// holds them all or they are on their way.
+type PageSource interface {
+	Source
+	ReadPages(ctx context.Context, dest []byte, off int64) bool
+	CoversPages(off, n int64) bool
+}
+
 // Options tune an FS. The zero value gives the defaults.
 type Options struct {
 	// Logger receives fetch failures, corrupt frames and passthrough
@@ -126,6 +140,9 @@ type Options struct {
 	// Prefetch lists frames to Prefetch as soon as the FS exists, before
 	// it is mounted (a start-up profile).
 	Prefetch []int
+	// Profiled: a start-up profile is being prefetched, if not by Prefetch
+	// then by the source (PageSource); see FS.Prefetch.
+	Profiled bool
 
 	// Name is the subtype of the mount: its type shows as fuse.<Name>.
 	// Default strata-<hex of the layer digest>.
@@ -218,7 +235,7 @@ func New(ix *layerindex.Index, src Source, c *cache.Cache, opts Options) (*FS, e
 		}
 		f.primary[i] = j
 	}
-	if len(f.opts.Prefetch) > 0 {
+	if len(f.opts.Prefetch) > 0 || f.opts.Profiled {
 		f.Prefetch(f.opts.Prefetch)
 	}
 	return f, nil
@@ -420,6 +437,7 @@ type Stats struct {
 	ServedOpens      int64 // opens whose reads this process serves
 	ServedReads      int64 // read requests this process answered
 	ServedBytes      int64 // bytes those requests returned
+	PageReads        int64 // reads (and files put into the cache) served from a PageSource
 	Programs         int64 // ELF files prefetched whole when first read
 }
 
@@ -427,7 +445,7 @@ type counters struct {
 	fetchedBytes, fetchedFrames, requests, sourceErrors, corruptFrames atomic.Int64
 	cacheHits, memoryHits                                              atomic.Int64
 	materialized, passthroughOpens, servedOpens                        atomic.Int64
-	servedReads, servedBytes                                           atomic.Int64
+	servedReads, servedBytes, pageReads                                atomic.Int64
 	programs                                                           atomic.Int64
 }
 
@@ -447,6 +465,7 @@ func (f *FS) Stats() Stats {
 		ServedOpens:      s.servedOpens.Load(),
 		ServedReads:      s.servedReads.Load(),
 		ServedBytes:      s.servedBytes.Load(),
+		PageReads:        s.pageReads.Load(),
 		Programs:         s.programs.Load(),
 	}
 }
@@ -492,14 +511,16 @@ func (f *FS) program(i int, head []byte) {
 const profileWindow = 10 * time.Second
 
 // StartRecording starts listing the frames that reads need (from the
-// source, the cache or memory alike); StopRecording ends the recording and
-// returns them in the order first needed, each with a sequence number that
-// orders first reads across all the FSs of the process (so the recordings
-// of several layers merge into one order). Prefetches are not reads.
+// source, the cache or memory alike), and the pages of the uncompressed
+// stream they read; StopRecording ends the recording and returns them in
+// the order first needed, each with a sequence number that orders first
+// reads across all the FSs of the process (so the recordings of several
+// layers merge into one order). Prefetches are not reads; putting a file
+// whole into the cache is a read of all of it.
 func (f *FS) StartRecording() { f.fetch.startRecording() }
 
-// StopRecording: see StartRecording.
-func (f *FS) StopRecording() (frames []int, seq []uint64) { return f.fetch.stopRecording() }
+// StopRecording: see StartRecording and Recording.
+func (f *FS) StopRecording() Recording { return f.fetch.stopRecording() }
 
 // Cached reports whether the frames ks are all on the node: in memory or
 // in the cache.

@@ -269,6 +269,14 @@ func (f *FS) cheapToMaterialize(e *layerindex.Entry) bool {
 	if e.Size <= materializeAlways {
 		return true
 	}
+	if f.fetch.recording() {
+		// Reads through the cache are not seen: the recording would list
+		// the whole file, not the pages read.
+		return false
+	}
+	if ps, ok := f.src().(PageSource); ok && ps.CoversPages(e.Offset, e.Size) {
+		return true
+	}
 	first, last := f.ix.FramesFor(e.Offset, e.Size)
 	return f.fetch.local(first, last)
 }
@@ -279,17 +287,23 @@ const materializeAlways = 64 << 10
 
 // materialize puts the whole content of e into the cache, verified.
 func (f *FS) materialize(ctx context.Context, e *layerindex.Entry) error {
-	first, last := f.ix.FramesFor(e.Offset, e.Size)
-	frames, err := f.fetch.frames(ctx, first, last)
-	if err != nil {
-		return err
-	}
-	buf := make([]byte, 0, e.Size)
-	for k, data := range frames {
-		fr := &f.ix.Frames[first+k]
-		lo := max(e.Offset-fr.UOffset, 0)
-		hi := min(e.Offset+e.Size-fr.UOffset, fr.USize)
-		buf = append(buf, data[lo:hi]...)
+	buf := make([]byte, e.Size)
+	if !f.readPages(ctx, buf, e.Offset, e, 0) {
+		if err := ctx.Err(); err != nil {
+			return err // interrupted: no fetch for nobody
+		}
+		first, last := f.ix.FramesFor(e.Offset, e.Size)
+		frames, err := f.fetch.frames(ctx, first, last)
+		if err != nil {
+			return err
+		}
+		buf = buf[:0]
+		for k, data := range frames {
+			fr := &f.ix.Frames[first+k]
+			lo := max(e.Offset-fr.UOffset, 0)
+			hi := min(e.Offset+e.Size-fr.UOffset, fr.USize)
+			buf = append(buf, data[lo:hi]...)
+		}
 	}
 	sum := sha256.Sum256(buf)
 	if int64(len(buf)) != e.Size || digest.NewDigestFromBytes(digest.SHA256, sum[:]) != e.Digest {
@@ -309,6 +323,12 @@ func (f *FS) readAt(ctx context.Context, e *layerindex.Entry, dest []byte, off i
 		return dest[:0], nil
 	}
 	end := min(off+int64(len(dest)), e.Size)
+	if f.readPages(ctx, dest[:end-off], e.Offset+off, e, off) {
+		return dest[:end-off], nil
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err // interrupted: no fetch for nobody
+	}
 	first, last := f.ix.FramesFor(e.Offset+off, end-off)
 	frames, err := f.fetch.frames(ctx, first, last)
 	if err != nil {
@@ -323,6 +343,35 @@ func (f *FS) readAt(ctx context.Context, e *layerindex.Entry, dest []byte, off i
 	}
 	return dest[:n], nil
 }
+
+// readPages records a read of bytes [off, off+len(dest)) of the
+// uncompressed stream and fills dest from the source's pages if it holds
+// them (PageSource), waiting at most Options.FetchTimeout for them.
+// (The read is of file e at fileOff.)
+func (f *FS) readPages(ctx context.Context, dest []byte, off int64, e *layerindex.Entry, fileOff int64) bool {
+	f.fetch.notePages(off, int64(len(dest)))
+	ps, ok := f.src().(PageSource)
+	if !ok || len(dest) == 0 {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, f.opts.FetchTimeout)
+	defer cancel()
+	if !ps.ReadPages(ctx, dest, off) {
+		if ctx.Err() == nil && time.Now().UnixNano() <= f.profiledUntil.Load() {
+			f.log.Debug("layerfs: read not in the start-up pages", "path", e.Path, "offset", fileOff, "length", len(dest))
+		}
+		return false
+	}
+	first, last := f.ix.FramesFor(off, int64(len(dest)))
+	f.fetch.mu.Lock()
+	f.fetch.noteFrames(first, last)
+	f.fetch.mu.Unlock()
+	f.st.pageReads.Add(1)
+	return true
+}
+
+// src returns the FS's source.
+func (f *FS) src() Source { return f.fetch.src }
 
 // errno converts an error of a read to what the caller sees: EINTR when
 // the request was interrupted, EIO for everything else (a source that

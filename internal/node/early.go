@@ -121,8 +121,12 @@ func (m *Manager) fetchEarly(repo remote.Repository, p *api.Profile, layers []oc
 	if len(items) == 0 {
 		return
 	}
-	chunks := cutChunks(items)
+	m.fetchChunks(repo, cutChunks(items), indexes)
+}
 
+// fetchChunks fetches chunks in order, in the background: a head of them
+// at once, the others once indexes is closed, earlyStreams at a time.
+func (m *Manager) fetchChunks(repo remote.Repository, chunks []*earlyChunk, indexes <-chan struct{}) {
 	go func() {
 		var head []*earlyChunk
 		var n int64

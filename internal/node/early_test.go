@@ -104,11 +104,14 @@ func TestCutChunksStale(t *testing.T) {
 
 func TestRankProfile(t *testing.T) {
 	p := &api.Profile{Layers: []api.ProfileLayer{{Frames: []int{5, 1, 9}}, {Frames: []int{2, 7}}}}
-	n := rankProfile(p, [][]uint64{{10, 30, 50}, {20, 40}})
+	n := rankProfile(p, [][]uint64{{10, 30, 50}, {20, 40}}, [][]uint64{{11, 12}, {5}})
 	if n != 5 {
 		t.Errorf("rankProfile = %d, want 5", n)
 	}
 	if !slices.Equal(p.Layers[0].Ranks, []int{0, 2, 4}) || !slices.Equal(p.Layers[1].Ranks, []int{1, 3}) {
 		t.Errorf("ranks %v %v, want [0 2 4] [1 3]", p.Layers[0].Ranks, p.Layers[1].Ranks)
+	}
+	if !slices.Equal(p.Layers[0].PageRanks, []int{1, 2}) || !slices.Equal(p.Layers[1].PageRanks, []int{0}) {
+		t.Errorf("page ranks %v %v, want [1 2] [0]", p.Layers[0].PageRanks, p.Layers[1].PageRanks)
 	}
 }

@@ -4,8 +4,12 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"fmt"
+	"log/slog"
+	"maps"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -31,9 +35,17 @@ func (m *Manager) prefetch(l *layer, p *api.Profile) {
 		return
 	}
 	fs := l.server.FS()
-	if frames := profileFrames(p, l.digest, fs.Index().Data); len(frames) > 0 {
-		fs.Prefetch(frames)
+	fs.Prefetch(m.profileFrames(p, l.digest, fs.Index().Data))
+}
+
+// profileFrames returns the frames of profile p to prefetch for the layer
+// whose digest and data blob are layer and data: none when a start-up pack
+// holds its pages.
+func (m *Manager) profileFrames(p *api.Profile, layer, data digest.Digest) []int {
+	if m.packFor(data) != nil {
+		return nil
 	}
+	return profileFrames(p, layer, data)
 }
 
 // profileFrames returns the frames profile p lists for the layer whose
@@ -51,25 +63,46 @@ func profileFrames(p *api.Profile, layer, data digest.Digest) []int {
 }
 
 // rankProfile sets the Ranks of p's layers from the sequence numbers of
-// their frames' first reads (seqs[i] for p.Layers[i]) and returns the
-// number of frames.
-func rankProfile(p *api.Profile, seqs [][]uint64) int {
+// their frames' first reads (seqs[i] for p.Layers[i]), and the PageRanks
+// from those of their pages' (pageSeqs), and returns the number of frames.
+func rankProfile(p *api.Profile, seqs, pageSeqs [][]uint64) int {
+	ranks := rank(seqs)
+	for l := range seqs {
+		p.Layers[l].Ranks = ranks[l]
+	}
+	if pageSeqs != nil {
+		ranks = rank(pageSeqs)
+		for l := range pageSeqs {
+			p.Layers[l].PageRanks = ranks[l]
+		}
+	}
+	n := 0
+	for _, s := range seqs {
+		n += len(s)
+	}
+	return n
+}
+
+// rank returns the place of each of seqs' sequence numbers among all of
+// them, 0 first.
+func rank(seqs [][]uint64) [][]int {
 	type read struct {
 		seq      uint64
 		layer, i int
 	}
 	var all []read
+	out := make([][]int, len(seqs))
 	for l, seq := range seqs {
-		p.Layers[l].Ranks = make([]int, len(seq))
+		out[l] = make([]int, len(seq))
 		for i, s := range seq {
 			all = append(all, read{s, l, i})
 		}
 	}
 	slices.SortFunc(all, func(a, b read) int { return cmp.Compare(a.seq, b.seq) })
-	for rank, r := range all {
-		p.Layers[r.layer].Ranks[r.i] = rank
+	for r, rd := range all {
+		out[rd.layer][rd.i] = r
 	}
-	return len(all)
+	return out
 }
 
 // record starts recording the reads of the lazy layers of lease id's
@@ -108,22 +141,28 @@ func (m *Manager) finishRecording(id string) {
 	defer m.uploads.Done()
 	r.timer.Stop()
 	p := &api.Profile{Version: layerindex.Version}
-	var seqs [][]uint64
+	var seqs, pageSeqs [][]uint64
 	for _, l := range r.layers {
 		fs := l.server.FS()
-		frames, seq := fs.StopRecording()
-		if len(frames) == 0 {
+		rec := fs.StopRecording()
+		if len(rec.Frames) == 0 {
 			continue
 		}
-		ranges := make([][2]int64, len(frames))
-		for i, k := range frames {
+		ranges := make([][2]int64, len(rec.Frames))
+		for i, k := range rec.Frames {
 			fr := &fs.Index().Frames[k]
 			ranges[i] = [2]int64{fr.COffset, fr.CSize}
 		}
-		p.Layers = append(p.Layers, api.ProfileLayer{Layer: l.digest, Data: fs.Index().Data, Frames: frames, Ranges: ranges})
-		seqs = append(seqs, seq)
+		p.Layers = append(p.Layers, api.ProfileLayer{
+			Layer: l.digest, Data: fs.Index().Data, Frames: rec.Frames, Ranges: ranges, Pages: rec.Pages,
+		})
+		seqs = append(seqs, rec.Seq)
+		pageSeqs = append(pageSeqs, rec.PageSeq)
+		if m.log.Enabled(context.Background(), slog.LevelDebug) {
+			m.log.Debug("start-up profile: layer", "layer", l.digest, "frames", len(rec.Frames), "read", readByFile(fs.Index(), rec.Pages))
+		}
 	}
-	n := rankProfile(p, seqs)
+	n := rankProfile(p, seqs, pageSeqs)
 	if n == 0 {
 		return
 	}
@@ -145,4 +184,43 @@ func (m *Manager) finishRecording(id string) {
 	img.Profile, img.Unprofiled = p, false
 	b, _ = json.MarshalIndent(&img, "", "  ")
 	atomicfile.Write(path, b)
+}
+
+// readByFile describes the bytes ranges of ix's stream hold: the total,
+// then the files holding most of them.
+func readByFile(ix *layerindex.Index, ranges [][2]int64) string {
+	var regs []int
+	for i := range ix.Entries {
+		if ix.Entries[i].Type == layerindex.TypeReg && ix.Entries[i].Size > 0 {
+			regs = append(regs, i)
+		}
+	}
+	slices.SortFunc(regs, func(a, b int) int { return cmp.Compare(ix.Entries[a].Offset, ix.Entries[b].Offset) })
+	per := map[int]int64{}
+	var total int64
+	for _, r := range ranges {
+		total += r[1]
+		j, _ := slices.BinarySearchFunc(regs, r[0], func(i int, off int64) int {
+			e := &ix.Entries[i]
+			switch {
+			case e.Offset+e.Size <= off:
+				return -1
+			case e.Offset > off:
+				return 1
+			}
+			return 0
+		})
+		for ; j < len(regs) && ix.Entries[regs[j]].Offset < r[0]+r[1]; j++ {
+			e := &ix.Entries[regs[j]]
+			per[regs[j]] += min(r[0]+r[1], e.Offset+e.Size) - max(r[0], e.Offset)
+		}
+	}
+	files := slices.Collect(maps.Keys(per))
+	slices.SortFunc(files, func(a, b int) int { return cmp.Compare(per[b], per[a]) })
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "%d bytes in %d files", total, len(files))
+	for _, i := range files[:min(len(files), 12)] {
+		fmt.Fprintf(&sb, "; %s %d of %d", ix.Entries[i].Path, per[i], ix.Entries[i].Size)
+	}
+	return sb.String()
 }

@@ -1,0 +1,332 @@
+package node
+
+import (
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/remote"
+)
+
+// A packLayer is what a start-up pack (api.Pack) holds of one layer's
+// uncompressed stream: spans, each at a place in the pack's uncompressed
+// content, whose chunks are fetched in the order the start reads them.
+// The layer's reads take their bytes from here (blobSource.ReadPages)
+// instead of fetching the frames that hold them.
+type packLayer struct {
+	spans  []packSpan // by offset, not overlapping
+	chunks []*packChunk
+}
+
+type packSpan struct{ off, n, at int64 }
+
+// A packChunk is one chunk of a pack: its compressed bytes arrive in
+// piece; they are verified against digest and decompressed when first
+// needed.
+type packChunk struct {
+	piece  *earlyPiece
+	at     int64 // in the pack's uncompressed content
+	usize  int64
+	digest digest.Digest
+
+	once sync.Once
+	data []byte
+	err  error
+}
+
+// packDecoder decompresses pack chunks; each is at most api.PackChunkSize.
+var packDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(4*api.PackChunkSize))
+
+// get returns the chunk's content, waiting for it until ctx is done.
+func (c *packChunk) get(ctx context.Context) ([]byte, error) {
+	select {
+	case <-c.piece.done:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	c.once.Do(func() {
+		if c.piece.err != nil {
+			c.err = c.piece.err
+			return
+		}
+		sum := sha256.Sum256(c.piece.b)
+		if digest.NewDigestFromBytes(digest.SHA256, sum[:]) != c.digest {
+			c.err = fmt.Errorf("pack chunk %s: digest mismatch", c.digest)
+			return
+		}
+		b, err := packDecoder.DecodeAll(c.piece.b, make([]byte, 0, c.usize))
+		if err == nil && int64(len(b)) != c.usize {
+			err = fmt.Errorf("%d bytes, want %d", len(b), c.usize)
+		}
+		if err != nil {
+			c.err = fmt.Errorf("pack chunk %s: %w", c.digest, err)
+			return
+		}
+		c.data = b
+	})
+	return c.data, c.err
+}
+
+// failed reports whether the chunk is known to be unusable.
+func (c *packChunk) failed() bool {
+	select {
+	case <-c.piece.done:
+		return c.piece.err != nil
+	default:
+		return false
+	}
+}
+
+// parts returns the spans that cover bytes [off, off+n), in order, or
+// false when they do not cover all of them.
+func (pl *packLayer) parts(off, n int64) ([]packSpan, bool) {
+	i, _ := slices.BinarySearchFunc(pl.spans, off, func(s packSpan, off int64) int {
+		switch {
+		case s.off+s.n <= off:
+			return -1
+		case s.off > off:
+			return 1
+		}
+		return 0
+	})
+	var parts []packSpan
+	for at, end := off, off+n; at < end; {
+		if i >= len(pl.spans) || pl.spans[i].off > at || pl.spans[i].off+pl.spans[i].n <= at {
+			return nil, false
+		}
+		parts = append(parts, pl.spans[i])
+		at = pl.spans[i].off + pl.spans[i].n
+		i++
+	}
+	return parts, true
+}
+
+// chunksFor calls fn for each chunk holding bytes [at, at+n) of the pack's
+// uncompressed content, with the part of the chunk's content that is and
+// where it goes; it stops at the first error fn returns.
+func (pl *packLayer) chunksFor(at, n int64, fn func(c *packChunk, lo, hi, dst int64) error) error {
+	i, found := slices.BinarySearchFunc(pl.chunks, at, func(c *packChunk, at int64) int { return cmp.Compare(c.at, at) })
+	if !found {
+		i--
+	}
+	for end := at + n; at < end; i++ {
+		if i < 0 || i >= len(pl.chunks) {
+			return errors.New("pack span outside its chunks")
+		}
+		c := pl.chunks[i]
+		lo, hi := at-c.at, min(end-c.at, c.usize)
+		if err := fn(c, lo, hi, at); err != nil {
+			return err
+		}
+		at = c.at + hi
+	}
+	return nil
+}
+
+// covers reports whether the pack holds bytes [off, off+n) of the stream,
+// in chunks that have not failed (they may be on their way).
+func (pl *packLayer) covers(off, n int64) bool {
+	parts, ok := pl.parts(off, n)
+	if !ok {
+		return false
+	}
+	for _, s := range parts {
+		lo := max(off, s.off)
+		hi := min(off+n, s.off+s.n)
+		err := pl.chunksFor(s.at+lo-s.off, hi-lo, func(c *packChunk, _, _, _ int64) error {
+			if c.failed() {
+				return errors.New("failed")
+			}
+			return nil
+		})
+		if err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// read fills dest with bytes [off, off+len(dest)) of the stream if the
+// pack holds them, waiting for their chunks until ctx is done.
+func (pl *packLayer) read(ctx context.Context, dest []byte, off int64) bool {
+	n := int64(len(dest))
+	parts, ok := pl.parts(off, n)
+	if !ok {
+		return false
+	}
+	for _, s := range parts {
+		lo := max(off, s.off)
+		hi := min(off+n, s.off+s.n)
+		base := s.at + lo - s.off // pack position of stream offset lo
+		err := pl.chunksFor(base, hi-lo, func(c *packChunk, clo, chi, at int64) error {
+			data, err := c.get(ctx)
+			if err != nil {
+				return err
+			}
+			copy(dest[lo-off+at-base:], data[clo:chi])
+			return nil
+		})
+		if err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// checkPack checks the table of pack k against profile p: chunks that
+// add up to the blob, and spans of p's layers that add up to the chunks.
+func checkPack(p *api.Profile, k *api.Pack) error {
+	if k.Digest.Validate() != nil || len(k.Chunks) == 0 {
+		return errors.New("no blob or no chunks")
+	}
+	var size, usize, spans int64
+	for _, c := range k.Chunks {
+		if c.Size <= 0 || c.USize <= 0 || c.USize > api.PackChunkSize || c.Digest.Validate() != nil {
+			return fmt.Errorf("bad chunk %+v", c)
+		}
+		size += c.Size
+		usize += c.USize
+	}
+	for _, s := range k.Spans {
+		if s[0] < 0 || s[0] >= int64(len(p.Layers)) || s[1] < 0 || s[2] <= 0 || s[1]+s[2] < s[1] {
+			return fmt.Errorf("bad span %v", s)
+		}
+		spans += s[2]
+	}
+	if size != k.Size || usize != spans {
+		return fmt.Errorf("chunks of %d bytes (%d uncompressed) for a blob of %d and spans of %d", size, usize, k.Size, spans)
+	}
+	return nil
+}
+
+// startPack starts fetching the start-up pack of profile p, if it has a
+// valid one that is not being fetched already, for the layers of the image
+// (layers), from repo, and keeps it for earlyKeep; beyond a head, the
+// requests wait for indexes to be closed. Chunks in the node's cache are
+// taken from there. It reports whether the pack is there to use.
+func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) bool {
+	k := p.Pack
+	if k == nil {
+		return false
+	}
+	if err := checkPack(p, k); err != nil {
+		m.log.Info("start-up pack not used", "pack", k.Digest, "err", err)
+		return false
+	}
+	m.mu.Lock()
+	if m.packing[k.Digest] {
+		m.mu.Unlock()
+		return true
+	}
+	m.packing[k.Digest] = true
+	m.mu.Unlock()
+
+	chunks := make([]*packChunk, len(k.Chunks))
+	var items []earlyItem
+	var off, at int64
+	for i, c := range k.Chunks {
+		piece := &earlyPiece{off: off, n: c.Size, done: make(chan struct{})}
+		chunks[i] = &packChunk{piece: piece, at: at, usize: c.USize, digest: c.Digest}
+		if m.cache != nil {
+			if b, err := m.cache.Frame(context.Background(), c.Digest); err == nil {
+				piece.finish(b, nil)
+			}
+		}
+		select {
+		case <-piece.done:
+		default:
+			items = append(items, earlyItem{k.Digest, piece, i})
+		}
+		off += c.Size
+		at += c.USize
+	}
+	byData := packLayers(p, chunks, layers)
+	m.mu.Lock()
+	for d, pl := range byData {
+		m.packs[d] = pl
+	}
+	m.mu.Unlock()
+	time.AfterFunc(earlyKeep, func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		delete(m.packing, k.Digest)
+		for d, pl := range byData {
+			if m.packs[d] == pl {
+				delete(m.packs, d)
+			}
+		}
+	})
+	// Verified chunks go into the cache: a later start on the node needs
+	// none of them again.
+	for _, c := range chunks {
+		if m.cache == nil {
+			break
+		}
+		go func() {
+			<-c.piece.done
+			if _, err := c.get(context.Background()); err == nil && !m.cache.ContainsFrame(c.digest) {
+				m.cache.PutFrame(context.Background(), c.digest, c.piece.b)
+			}
+		}()
+	}
+	m.log.Debug("start-up pack", "pack", k.Digest, "bytes", k.Size, "chunks", len(k.Chunks), "to fetch", len(items))
+	if len(items) > 0 {
+		m.fetchChunks(repo, cutChunks(items), indexes)
+	}
+	return true
+}
+
+// packLayers returns what the pack of profile p, whose chunks are chunks,
+// holds of each layer of layers, by the layer's data blob.
+func packLayers(p *api.Profile, chunks []*packChunk, layers []ocispec.Descriptor) map[digest.Digest]*packLayer {
+	byData := map[digest.Digest]*packLayer{}
+	var at int64
+	for _, s := range p.Pack.Spans {
+		pl := p.Layers[s[0]]
+		if slices.ContainsFunc(layers, func(d ocispec.Descriptor) bool { return d.Digest == pl.Layer }) {
+			if byData[pl.Data] == nil {
+				byData[pl.Data] = &packLayer{chunks: chunks}
+			}
+			byData[pl.Data].spans = append(byData[pl.Data].spans, packSpan{off: s[1], n: s[2], at: at})
+		}
+		at += s[2]
+	}
+	for _, pl := range byData {
+		slices.SortFunc(pl.spans, func(a, b packSpan) int { return cmp.Compare(a.off, b.off) })
+		// Spans that overlap are not from a real pack: only the first
+		// is kept.
+		kept := pl.spans[:0]
+		for _, s := range pl.spans {
+			if n := len(kept); n > 0 && kept[n-1].off+kept[n-1].n > s.off {
+				continue
+			}
+			kept = append(kept, s)
+		}
+		pl.spans = kept
+	}
+	return byData
+}
+
+// packFor returns the start-up pack of data blob d being used, if any.
+func (m *Manager) packFor(d digest.Digest) *packLayer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.packs[d]
+}
+
+// closedChan is a closed channel: no wait.
+var closedChan = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
