@@ -114,8 +114,13 @@ type PackChunk struct {
 	Digest digest.Digest `json:"digest"`
 }
 
-// PackChunkSize bounds the uncompressed bytes of a pack chunk.
-const PackChunkSize = 128 << 10
+// PackChunkSize bounds the uncompressed bytes of a pack chunk, and
+// MaxPackBytes those of a pack: a registry leaves out the pages a profile
+// lists past it, in first-read order (a node reads them from the frames).
+const (
+	PackChunkSize = 128 << 10
+	MaxPackBytes  = 64 << 20
+)
 
 // ProfileLayer lists the frames read from one layer.
 type ProfileLayer struct {

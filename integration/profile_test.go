@@ -2,7 +2,11 @@ package integration
 
 import (
 	"encoding/json"
+	"io/fs"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,12 +105,12 @@ func TestStartupProfile(t *testing.T) {
 	}
 	// The registry packed the pages the start read: fewer bytes than
 	// the frames holding them.
-	if p.Pack == nil || len(pl.Pages) == 0 || len(pl.PageRanks) != len(pl.Pages) {
-		t.Fatalf("no start-up pack: %d page ranges, pack %+v", len(pl.Pages), p.Pack)
+	if p.Pack == nil || len(p.Pack.Spans) == 0 || pl.Pages != nil {
+		t.Fatalf("no start-up pack, or the page list stored beside it: %d page ranges, pack %v", len(pl.Pages), p.Pack != nil)
 	}
 	var pages int64
-	for _, r := range pl.Pages {
-		pages += r[1]
+	for _, s := range p.Pack.Spans {
+		pages += s[2]
 	}
 	if p.Pack.Size >= profiled {
 		t.Errorf("the pack is %d bytes, not less than the %d of the frames", p.Pack.Size, profiled)
@@ -126,5 +130,31 @@ func TestStartupProfile(t *testing.T) {
 	// Another container on that node has the pack's pages there.
 	if again := startOn(root, "--startup-profiles", "use"); again > 64<<10 {
 		t.Errorf("a second start on the node fetched %d bytes", again)
+	}
+
+	// A pack whose bytes do not match its table is not served: the node
+	// drops it and reads the frames.
+	var packFile string
+	filepath.WalkDir(reg.Root, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && d.Name() == p.Pack.Digest.Encoded() && strings.Contains(path, "blobs") {
+			packFile = path
+		}
+		return nil
+	})
+	b, err := os.ReadFile(packFile)
+	if err != nil {
+		t.Fatalf("the pack blob in the registry's store: %v", err)
+	}
+	for i := len(b) / 3; i < len(b); i += 4096 {
+		b[i] ^= 0xff
+	}
+	if err := os.WriteFile(packFile, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	croot := nodeRoot(t)
+	corrupt := startOn(croot, "--startup-profiles", "use")
+	t.Logf("with a corrupt pack: %d bytes fetched", corrupt)
+	if log, _ := os.ReadFile(filepath.Join(croot, "daemon.log")); !strings.Contains(string(log), "start-up pack failed") {
+		t.Errorf("the node did not notice the corrupt pack; its log:\n%s", tail(string(log), 3000))
 	}
 }

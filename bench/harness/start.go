@@ -231,7 +231,15 @@ func (e *env) recordProfile(ctx context.Context, im *image) error {
 			for _, l := range p.Layers {
 				n += len(l.Frames)
 			}
-			e.logf("  %s: start-up profile recorded: %d frames in %d layers", im.Name, n, len(p.Layers))
+			pack := "no pack"
+			if p.Pack != nil {
+				var read int64
+				for _, s := range p.Pack.Spans {
+					read += s[2]
+				}
+				pack = fmt.Sprintf("pack of %d bytes for %d bytes read", p.Pack.Size, read)
+			}
+			e.logf("  %s: start-up profile recorded: %d frames in %d layers, %s", im.Name, n, len(p.Layers), pack)
 			return nil
 		}
 		if time.Now().After(deadline) {

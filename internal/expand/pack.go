@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -19,15 +20,11 @@ import (
 	"github.com/strata-oci/strata/layerindex"
 )
 
-// maxPackBytes bounds the uncompressed bytes of a pack: the pages of a
-// profile past it, in first-read order, are left out of the pack (a node
-// reads them from the frames).
-const maxPackBytes = 64 << 20
+// packSem makes one pack at a time.
+var packSem = make(chan struct{}, 1)
 
-// packMu makes one pack at a time: a pack is compressed on every core.
-var packMu sync.Mutex
-
-// A packPage is one page range of a profile, with its layer and rank.
+// A packPage is one page range of a profile, with its layer and rank, and
+// (i) where its bytes go in the pack's uncompressed content.
 type packPage struct {
 	layer   int
 	off, n  int64
@@ -105,25 +102,52 @@ func (s *Service) buildPack(ctx context.Context, repo string, p *api.Profile, ix
 	}
 	slices.SortStableFunc(pages, func(a, b packPage) int { return cmp.Compare(a.rank, b.rank) })
 
-	packMu.Lock()
-	defer packMu.Unlock()
-	readers := make([]*streamReader, len(p.Layers))
+	// One pack at a time, for as long as the request waits.
+	select {
+	case packSem <- struct{}{}:
+		defer func() { <-packSem }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+
+	// The pages are laid out in first-read order (and cut at
+	// api.MaxPackBytes), then read in stream order, each frame decoded
+	// once however the pages are spread over it.
+	pack := &api.Pack{}
+	var size int64
+	for k, pg := range pages {
+		if size >= api.MaxPackBytes {
+			pages = pages[:k]
+			break
+		}
+		pages[k].n = min(pg.n, api.MaxPackBytes-size)
+		pages[k].i = int(size) // where its bytes go
+		size += pages[k].n
+		pg = pages[k]
+		if k := len(pack.Spans) - 1; k >= 0 && pack.Spans[k][0] == int64(pg.layer) && pack.Spans[k][1]+pack.Spans[k][2] == pg.off {
+			pack.Spans[k][2] += pg.n
+		} else {
+			pack.Spans = append(pack.Spans, [3]int64{int64(pg.layer), pg.off, pg.n})
+		}
+	}
+	raw := make([]byte, size)
+	slices.SortFunc(pages, func(a, b packPage) int {
+		return cmp.Or(cmp.Compare(a.layer, b.layer), cmp.Compare(a.off, b.off))
+	})
+	var r *streamReader
 	defer func() {
-		for _, r := range readers {
+		if r != nil {
+			r.data.Close()
+		}
+	}()
+	for _, pg := range pages {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		if r == nil || r.layer != pg.layer {
 			if r != nil {
 				r.data.Close()
 			}
-		}
-	}()
-	pack := &api.Pack{}
-	var raw []byte
-	for _, pg := range pages {
-		if int64(len(raw)) >= maxPackBytes {
-			break
-		}
-		n := min(pg.n, maxPackBytes-int64(len(raw)))
-		r := readers[pg.layer]
-		if r == nil {
 			md := mds[pg.layer]
 			if err := s.st.Link(ctx, repo, md.Data.Digest); err != nil {
 				return nil, err
@@ -132,21 +156,14 @@ func (s *Service) buildPack(ctx context.Context, repo string, p *api.Profile, ix
 			if err != nil {
 				return nil, err
 			}
-			r = &streamReader{ix: ixs[pg.layer], data: f, frames: map[int][]byte{}}
-			readers[pg.layer] = r
+			r = &streamReader{ix: ixs[pg.layer], data: f, layer: pg.layer, frame: -1}
 		}
-		var err error
-		if raw, err = r.appendRange(raw, pg.off, n); err != nil {
+		if err := r.readRange(raw[pg.i:pg.i+int(pg.n)], pg.off); err != nil {
 			return nil, fmt.Errorf("pack: layer %s: %w", p.Layers[pg.layer].Layer, err)
-		}
-		if k := len(pack.Spans) - 1; k >= 0 && pack.Spans[k][0] == int64(pg.layer) && pack.Spans[k][1]+pack.Spans[k][2] == pg.off {
-			pack.Spans[k][2] += n
-		} else {
-			pack.Spans = append(pack.Spans, [3]int64{int64(pg.layer), pg.off, n})
 		}
 	}
 
-	// The chunks are compressed on every core, then written in order.
+	// The chunks are compressed on up to 4 cores, then written in order.
 	nchunks := (len(raw) + api.PackChunkSize - 1) / api.PackChunkSize
 	out := make([][]byte, nchunks)
 	errs := make([]error, nchunks)
@@ -156,7 +173,7 @@ func (s *Service) buildPack(ctx context.Context, repo string, p *api.Profile, ix
 	}
 	close(next)
 	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), nchunks) {
+	for range min(runtime.GOMAXPROCS(0), 4, nchunks) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -206,47 +223,63 @@ func (s *Service) buildPack(ctx context.Context, repo string, p *api.Profile, ix
 		return nil, err
 	}
 	pack.Digest = digest.NewDigestFromBytes(digest.SHA256, h.Sum(nil))
+	// The profile is served whole, with its pack, or the pack is not made.
+	stored := withPack(p, pack)
+	if b, err := json.Marshal(stored); err != nil || len(b) > api.MaxProfileBytes {
+		return nil, fmt.Errorf("the profile with its pack would be over %d bytes", api.MaxProfileBytes)
+	}
 	if err := s.st.CommitFile(ctx, repo, tmp.Name(), pack.Digest); err != nil {
 		return nil, err
 	}
 	return pack, nil
 }
 
-// A streamReader reads a layer's uncompressed stream from its expansion,
-// verifying every frame it decodes.
-type streamReader struct {
-	ix     *layerindex.Index
-	data   *os.File
-	frames map[int][]byte // decoded, a few
+// withPack returns profile p as stored with its pack: the pages it lists
+// are in the pack's spans, so they are left out.
+func withPack(p *api.Profile, pack *api.Pack) *api.Profile {
+	q := *p
+	q.Layers = slices.Clone(p.Layers)
+	for i := range q.Layers {
+		q.Layers[i].Pages, q.Layers[i].PageRanks = nil, nil
+	}
+	q.Pack = pack
+	return &q
 }
 
-// appendRange appends bytes [off, off+n) of the stream to dst.
-func (r *streamReader) appendRange(dst []byte, off, n int64) ([]byte, error) {
-	first, last := r.ix.FramesFor(off, n)
+// A streamReader reads a layer's uncompressed stream from its expansion,
+// verifying every frame it decodes; reads in stream order decode each
+// frame once.
+type streamReader struct {
+	ix    *layerindex.Index
+	data  *os.File
+	layer int
+	frame int    // the frame decoded last, -1 none
+	buf   []byte // its content
+}
+
+// readRange reads bytes [off, off+len(dst)) of the stream into dst.
+func (r *streamReader) readRange(dst []byte, off int64) error {
+	first, last := r.ix.FramesFor(off, int64(len(dst)))
 	if first > last {
-		return nil, fmt.Errorf("range %d+%d outside the stream", off, n)
+		return fmt.Errorf("range %d+%d outside the stream", off, len(dst))
 	}
+	n := 0
 	for k := first; k <= last; k++ {
-		data, ok := r.frames[k]
-		if !ok {
-			fr := &r.ix.Frames[k]
+		fr := &r.ix.Frames[k]
+		if r.frame != k {
 			cb := make([]byte, fr.CSize)
 			if _, err := r.data.ReadAt(cb, fr.COffset); err != nil {
-				return nil, fmt.Errorf("frame %d: %w", k, err)
+				return fmt.Errorf("frame %d: %w", k, err)
 			}
-			var err error
-			if data, err = r.ix.DecodeFrame(k, cb); err != nil {
-				return nil, err
+			data, err := r.ix.DecodeFrame(k, cb)
+			if err != nil {
+				return err
 			}
-			if len(r.frames) >= 64 {
-				clear(r.frames)
-			}
-			r.frames[k] = data
+			r.frame, r.buf = k, data
 		}
-		fr := &r.ix.Frames[k]
 		lo := max(off-fr.UOffset, 0)
-		hi := min(off+n-fr.UOffset, fr.USize)
-		dst = append(dst, data[lo:hi]...)
+		hi := min(off+int64(len(dst))-fr.UOffset, fr.USize)
+		n += copy(dst[n:], r.buf[lo:hi])
 	}
-	return dst, nil
+	return nil
 }

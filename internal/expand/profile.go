@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -69,7 +70,8 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 	}
 	n := 0
 	seen := map[digest.Digest]bool{}
-	for _, l := range p.Layers {
+	mds := make([]*api.MountDescriptor, len(p.Layers))
+	for i, l := range p.Layers {
 		if !slices.Contains(layers, l.Layer) {
 			return fmt.Errorf("%w: %s is not a layer of %s", ErrBadProfile, l.Layer, m)
 		}
@@ -81,6 +83,7 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 		if md == nil || md.Data.Digest != l.Data {
 			return fmt.Errorf("%w: layer %s has no expansion with data blob %s", ErrBadProfile, l.Layer, l.Data)
 		}
+		mds[i] = md
 		for _, k := range l.Frames {
 			if k < 0 {
 				return fmt.Errorf("%w: negative frame index", ErrBadProfile)
@@ -119,15 +122,14 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 		return err
 	}
 	p.Pack = nil // the registry's to make
+	path := s.profilePath(repo, m)
 	if pages > 0 {
 		ixs := make([]*layerindex.Index, len(p.Layers))
-		mds := make([]*api.MountDescriptor, len(p.Layers))
 		for i := range p.Layers {
 			l := &p.Layers[i]
 			if len(l.Pages) == 0 {
 				continue
 			}
-			mds[i] = s.done(l.Layer)
 			ix, err := s.loadIndex(ctx, repo, mds[i])
 			if err != nil {
 				return fmt.Errorf("layer %s: index: %w", l.Layer, err)
@@ -137,27 +139,34 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 			}
 			ixs[i] = ix
 		}
+		start := time.Now()
 		pack, err := s.buildPack(ctx, repo, p, ixs, mds)
 		if err != nil {
 			// The profile is still worth its frames.
 			s.log.Warn("start-up pack not made", "repo", repo, "manifest", m, "err", err)
+		} else {
+			s.log.Info("start-up pack made", "repo", repo, "manifest", m, "pack", pack.Digest,
+				"bytes", pack.Size, "chunks", len(pack.Chunks), "took", time.Since(start))
+			p = withPack(p, pack)
 		}
-		p.Pack = pack
 	}
 	b, err := json.Marshal(p)
 	if err != nil {
 		return err
 	}
-	if len(b) > api.MaxProfileBytes && p.Pack != nil {
-		// Served whole or not at all: without its pack, then.
-		p.Pack = nil
-		if b, err = json.Marshal(p); err != nil {
-			return err
-		}
-	}
-	path := s.profilePath(repo, m)
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	return atomicfile.Write(path, b)
+	var old api.Profile
+	if ob, err := os.ReadFile(path); err == nil && json.Unmarshal(ob, &old) != nil {
+		old.Pack = nil
+	}
+	if err := atomicfile.Write(path, b); err != nil {
+		return err
+	}
+	// The pack of the profile this one replaced leaves the repository.
+	if old.Pack != nil && (p.Pack == nil || old.Pack.Digest != p.Pack.Digest) {
+		s.st.DeleteBlob(ctx, repo, old.Pack.Digest)
+	}
+	return nil
 }

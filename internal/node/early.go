@@ -57,6 +57,7 @@ const (
 	earlyStreams  = 4
 	earlyGate     = 30 * time.Second
 	earlyKeep     = time.Minute
+	earlyMaxPiece = 1 << 20
 )
 
 // An earlyChunk is one request of an early fetch.
@@ -83,8 +84,8 @@ func (m *Manager) fetchEarly(repo remote.Repository, p *api.Profile, layers []oc
 		ranked := len(pl.Ranks) == len(pl.Frames)
 		eb := &earlyBlob{}
 		for i, r := range pl.Ranges {
-			if r[0] < 0 || r[1] <= 0 {
-				continue
+			if r[0] < 0 || r[1] <= 0 || r[1] > earlyMaxPiece {
+				continue // not a frame of a real index
 			}
 			rank := i
 			if ranked {

@@ -103,10 +103,13 @@ type Manager struct {
 	decoded map[digest.Digest]*layerindex.Index
 	// data blob parts fetched from start-up profiles before the indexes
 	early map[digest.Digest]*earlyBlob
-	// packs: the start-up packs in use, by the data blob of the layer
-	// whose pages they hold; packing: the packs fetched, by digest.
-	packs   map[digest.Digest]*packLayer
-	packing map[digest.Digest]bool
+	// packs: the start-up packs in use, by the repository and data blob
+	// of the layer whose pages they hold; packing: the packs fetched, by
+	// repository and digest. Guarded by packsMu, not mu: every read of a
+	// lazy layer looks.
+	packsMu sync.RWMutex
+	packs   map[packKey]*packLayer
+	packing map[packKey]bool
 	uploads sync.WaitGroup
 }
 
@@ -147,9 +150,10 @@ type layer struct {
 	mode   string
 	dir    string // what overlay uses as a lower
 	refs   int
-	server *layerfs.Server // lazy layers
-	size   int64           // compressed layer size
-	usize  int64           // uncompressed bytes of file data
+	server *layerfs.Server   // lazy layers
+	size   int64             // compressed layer size
+	usize  int64             // uncompressed bytes of file data
+	repo   remote.Repository // lazy layers: where the frames come from
 
 	ready chan struct{} // closed when mounted, or when mounting failed (err)
 	err   error
@@ -218,7 +222,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{}, recordings: map[string]*profileRecording{},
 		decoded: map[digest.Digest]*layerindex.Index{}, early: map[digest.Digest]*earlyBlob{},
-		packs: map[digest.Digest]*packLayer{}, packing: map[digest.Digest]bool{},
+		packs: map[packKey]*packLayer{}, packing: map[packKey]bool{},
 	}
 	m.client = opts.Remote(m.isPlain)
 	m.cleanStale()
@@ -988,13 +992,13 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 	src := &blobSource{m: m, client: m.client, repo: repo, digest: ix.Data}
 	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{
 		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
-		Prefetch: m.profileFrames(p, d.Digest, ix.Data), Profiled: p != nil,
+		Prefetch: m.profileFrames(p, repo, d.Digest, ix.Data), Profiled: p != nil,
 	})
 	if err != nil {
 		return fmt.Errorf("mount layer %s: %w", d.Digest, err)
 	}
 	m.mu.Lock()
-	l.mode, l.dir, l.server, l.usize = ModeLazy, mnt, srv, ix.StreamSize
+	l.mode, l.dir, l.server, l.usize, l.repo = ModeLazy, mnt, srv, ix.StreamSize, repo
 	m.mu.Unlock()
 	m.log.Info("layer mounted", "layer", d.Digest, "entries", len(ix.Entries))
 	return nil
@@ -1141,14 +1145,14 @@ func (s *blobSource) Pending(off, n int64) bool {
 // ReadPages fills dest with bytes [off, off+len(dest)) of the layer's
 // uncompressed stream from the start-up pack in use, if it holds them.
 func (s *blobSource) ReadPages(ctx context.Context, dest []byte, off int64) bool {
-	pl := s.m.packFor(s.digest)
+	pl := s.m.packFor(s.repo, s.digest)
 	return pl != nil && pl.read(ctx, dest, off)
 }
 
 // CoversPages reports whether the start-up pack in use holds bytes [off,
 // off+n) of the layer's uncompressed stream.
 func (s *blobSource) CoversPages(off, n int64) bool {
-	pl := s.m.packFor(s.digest)
+	pl := s.m.packFor(s.repo, s.digest)
 	return pl != nil && pl.covers(off, n)
 }
 

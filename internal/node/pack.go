@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -125,6 +126,9 @@ func (pl *packLayer) chunksFor(at, n int64, fn func(c *packChunk, lo, hi, dst in
 		}
 		c := pl.chunks[i]
 		lo, hi := at-c.at, min(end-c.at, c.usize)
+		if lo < 0 || lo >= hi {
+			return errors.New("pack span outside its chunks")
+		}
 		if err := fn(c, lo, hi, at); err != nil {
 			return err
 		}
@@ -183,25 +187,32 @@ func (pl *packLayer) read(ctx context.Context, dest []byte, off int64) bool {
 	return true
 }
 
-// checkPack checks the table of pack k against profile p: chunks that
-// add up to the blob, and spans of p's layers that add up to the chunks.
+// checkPack checks the table of pack k against profile p: at most
+// api.MaxPackBytes in chunks of at most api.PackChunkSize (compressed, not
+// much more), that add up to the blob, and spans of p's layers that add up
+// to the chunks.
 func checkPack(p *api.Profile, k *api.Pack) error {
 	if k.Digest.Validate() != nil || len(k.Chunks) == 0 {
 		return errors.New("no blob or no chunks")
 	}
+	if len(k.Chunks) > api.MaxPackBytes/api.PackChunkSize+1 || len(k.Spans) > api.MaxPackBytes {
+		return fmt.Errorf("%d chunks, %d spans: too many", len(k.Chunks), len(k.Spans))
+	}
 	var size, usize, spans int64
 	for _, c := range k.Chunks {
-		if c.Size <= 0 || c.USize <= 0 || c.USize > api.PackChunkSize || c.Digest.Validate() != nil {
+		if c.Size <= 0 || c.Size > 2*api.PackChunkSize || c.USize <= 0 || c.USize > api.PackChunkSize || c.Digest.Validate() != nil {
 			return fmt.Errorf("bad chunk %+v", c)
 		}
 		size += c.Size
 		usize += c.USize
 	}
 	for _, s := range k.Spans {
-		if s[0] < 0 || s[0] >= int64(len(p.Layers)) || s[1] < 0 || s[2] <= 0 || s[1]+s[2] < s[1] {
+		if s[0] < 0 || s[0] >= int64(len(p.Layers)) || s[1] < 0 || s[2] <= 0 || s[2] > api.MaxPackBytes || s[1] > math.MaxInt64-s[2] {
 			return fmt.Errorf("bad span %v", s)
 		}
-		spans += s[2]
+		if spans += s[2]; spans > api.MaxPackBytes {
+			return fmt.Errorf("spans of more than %d bytes", api.MaxPackBytes)
+		}
 	}
 	if size != k.Size || usize != spans {
 		return fmt.Errorf("chunks of %d bytes (%d uncompressed) for a blob of %d and spans of %d", size, usize, k.Size, spans)
@@ -213,7 +224,12 @@ func checkPack(p *api.Profile, k *api.Pack) error {
 // valid one that is not being fetched already, for the layers of the image
 // (layers), from repo, and keeps it for earlyKeep; beyond a head, the
 // requests wait for indexes to be closed. Chunks in the node's cache are
-// taken from there. It reports whether the pack is there to use.
+// taken from there. It reports whether the pack holds pages of the image's
+// layers, to be used instead of the profile's frames.
+//
+// A pack is used only for the layers mounted from the repository it came
+// from (blobSource.ReadPages): a registry vouches for the packs it makes
+// as for the indexes it serves, and for no other registry's layers.
 func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) bool {
 	k := p.Pack
 	if k == nil {
@@ -223,67 +239,123 @@ func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []oci
 		m.log.Info("start-up pack not used", "pack", k.Digest, "err", err)
 		return false
 	}
-	m.mu.Lock()
-	if m.packing[k.Digest] {
-		m.mu.Unlock()
+	key := packKey{repo, k.Digest}
+	m.packsMu.RLock()
+	busy := m.packing[key]
+	m.packsMu.RUnlock()
+	if busy {
 		return true
 	}
-	m.packing[k.Digest] = true
-	m.mu.Unlock()
-
 	chunks := make([]*packChunk, len(k.Chunks))
-	var items []earlyItem
 	var off, at int64
 	for i, c := range k.Chunks {
-		piece := &earlyPiece{off: off, n: c.Size, done: make(chan struct{})}
-		chunks[i] = &packChunk{piece: piece, at: at, usize: c.USize, digest: c.Digest}
-		if m.cache != nil {
-			if b, err := m.cache.Frame(context.Background(), c.Digest); err == nil {
-				piece.finish(b, nil)
-			}
-		}
-		select {
-		case <-piece.done:
-		default:
-			items = append(items, earlyItem{k.Digest, piece, i})
-		}
+		chunks[i] = &packChunk{piece: &earlyPiece{off: off, n: c.Size, done: make(chan struct{})}, at: at, usize: c.USize, digest: c.Digest}
 		off += c.Size
 		at += c.USize
 	}
 	byData := packLayers(p, chunks, layers)
-	m.mu.Lock()
-	for d, pl := range byData {
-		m.packs[d] = pl
+	if len(byData) == 0 {
+		return false
 	}
-	m.mu.Unlock()
+	m.packsMu.Lock()
+	if m.packing[key] {
+		m.packsMu.Unlock()
+		return true
+	}
+	m.packing[key] = true
+	for d, pl := range byData {
+		m.packs[packKey{repo, d}] = pl
+	}
+	m.packsMu.Unlock()
 	time.AfterFunc(earlyKeep, func() {
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		delete(m.packing, k.Digest)
+		m.packsMu.Lock()
+		defer m.packsMu.Unlock()
+		delete(m.packing, key)
 		for d, pl := range byData {
-			if m.packs[d] == pl {
-				delete(m.packs, d)
+			if m.packs[packKey{repo, d}] == pl {
+				delete(m.packs, packKey{repo, d})
 			}
 		}
 	})
-	// Verified chunks go into the cache: a later start on the node needs
-	// none of them again.
-	for _, c := range chunks {
-		if m.cache == nil {
-			break
-		}
-		go func() {
-			<-c.piece.done
-			if _, err := c.get(context.Background()); err == nil && !m.cache.ContainsFrame(c.digest) {
-				m.cache.PutFrame(context.Background(), c.digest, c.piece.b)
+
+	var items []earlyItem
+	for i, c := range chunks {
+		if m.cache != nil {
+			if b, err := m.cache.Frame(context.Background(), c.digest); err == nil {
+				c.piece.finish(b, nil)
+				continue
 			}
-		}()
+		}
+		items = append(items, earlyItem{k.Digest, c.piece, i})
 	}
 	m.log.Debug("start-up pack", "pack", k.Digest, "bytes", k.Size, "chunks", len(k.Chunks), "to fetch", len(items))
-	if len(items) > 0 {
-		m.fetchChunks(repo, cutChunks(items), indexes)
+	if len(items) == 0 {
+		return true
 	}
+	m.fetchChunks(repo, cutChunks(items), indexes)
+	// Chunks that arrive and match their digests go into the cache: a later
+	// start on the node needs none of them again. When one does not, the
+	// pack is dropped and the layers prefetch the profile's frames.
+	go func() {
+		for _, it := range items {
+			c := chunks[it.rank]
+			<-c.piece.done
+			err := c.piece.err
+			if err == nil {
+				sum := sha256.Sum256(c.piece.b)
+				if digest.NewDigestFromBytes(digest.SHA256, sum[:]) != c.digest {
+					err = errors.New("digest mismatch")
+				}
+			}
+			if err != nil {
+				m.log.Warn("start-up pack failed; fetching the profile's frames", "pack", k.Digest, "chunk", it.rank, "err", err)
+				m.dropPack(repo, p, byData)
+				return
+			}
+			if m.cache != nil {
+				m.cache.PutFrame(context.Background(), c.digest, c.piece.b)
+			}
+		}
+	}()
 	return true
+}
+
+// dropPack stops using the pack of profile p that holds byData of the
+// layers of repo, and prefetches the profile's frames of those layers that
+// are mounted from repo.
+func (m *Manager) dropPack(repo remote.Repository, p *api.Profile, byData map[digest.Digest]*packLayer) {
+	m.packsMu.Lock()
+	for d, pl := range byData {
+		if m.packs[packKey{repo, d}] == pl {
+			delete(m.packs, packKey{repo, d})
+		}
+	}
+	m.packsMu.Unlock()
+	for _, pl := range p.Layers {
+		if byData[pl.Data] == nil {
+			continue
+		}
+		m.mu.Lock()
+		l := m.layers[pl.Layer]
+		m.mu.Unlock()
+		if l == nil {
+			continue // not mounted yet: mounting prefetches the frames
+		}
+		select {
+		case <-l.ready:
+		default:
+			continue
+		}
+		if l.server != nil && l.repo == repo && l.server.FS().Index().Data == pl.Data {
+			l.server.FS().Prefetch(pl.Frames)
+		}
+	}
+}
+
+// A packKey names a pack, or a layer's data blob, in a repository.
+type packKey struct {
+	repo remote.Repository
+	d    digest.Digest
 }
 
 // packLayers returns what the pack of profile p, whose chunks are chunks,
@@ -317,11 +389,12 @@ func packLayers(p *api.Profile, chunks []*packChunk, layers []ocispec.Descriptor
 	return byData
 }
 
-// packFor returns the start-up pack of data blob d being used, if any.
-func (m *Manager) packFor(d digest.Digest) *packLayer {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.packs[d]
+// packFor returns what the start-up pack in use holds of data blob d of
+// repo, if any.
+func (m *Manager) packFor(repo remote.Repository, d digest.Digest) *packLayer {
+	m.packsMu.RLock()
+	defer m.packsMu.RUnlock()
+	return m.packs[packKey{repo, d}]
 }
 
 // closedChan is a closed channel: no wait.

@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"context"
+	"math"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -139,6 +140,16 @@ func TestCheckPack(t *testing.T) {
 		"chunk too big":     func(k *api.Pack) { k.Chunks[0].USize = api.PackChunkSize + 1 },
 		"negative offset":   func(k *api.Pack) { k.Spans[0][1] = -1 },
 		"no digest":         func(k *api.Pack) { k.Digest = "" },
+		"huge chunk":        func(k *api.Pack) { k.Chunks[0].Size, k.Size = 1<<40, 1<<40 },
+		"spans that wrap": func(k *api.Pack) {
+			k.Spans = [][3]int64{{0, 0, math.MaxInt64}, {0, 0, math.MaxInt64}, {0, 0, k.Chunks[0].USize + 2}}
+		},
+		"span past int64": func(k *api.Pack) { k.Spans[0][1] = math.MaxInt64 - 10 },
+		"too many chunks": func(k *api.Pack) {
+			for len(k.Chunks) <= api.MaxPackBytes/api.PackChunkSize+1 {
+				k.Chunks = append(k.Chunks, k.Chunks[0])
+			}
+		},
 	} {
 		p, _ := testPack(t, streams, [][3]int64{{0, 0, 100}})
 		mod(p.Pack)

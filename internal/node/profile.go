@@ -35,14 +35,14 @@ func (m *Manager) prefetch(l *layer, p *api.Profile) {
 		return
 	}
 	fs := l.server.FS()
-	fs.Prefetch(m.profileFrames(p, l.digest, fs.Index().Data))
+	fs.Prefetch(m.profileFrames(p, l.repo, l.digest, fs.Index().Data))
 }
 
 // profileFrames returns the frames of profile p to prefetch for the layer
-// whose digest and data blob are layer and data: none when a start-up pack
-// holds its pages.
-func (m *Manager) profileFrames(p *api.Profile, layer, data digest.Digest) []int {
-	if m.packFor(data) != nil {
+// whose digest and data blob are layer and data, mounted from repo: none
+// when a start-up pack holds its pages.
+func (m *Manager) profileFrames(p *api.Profile, repo remote.Repository, layer, data digest.Digest) []int {
+	if m.packFor(repo, data) != nil {
 		return nil
 	}
 	return profileFrames(p, layer, data)
@@ -165,6 +165,12 @@ func (m *Manager) finishRecording(id string) {
 	n := rankProfile(p, seqs, pageSeqs)
 	if n == 0 {
 		return
+	}
+	if b, err := json.Marshal(p); err != nil || len(b) > api.MaxProfileBytes {
+		// Over what a registry takes: the frames without the pages.
+		for i := range p.Layers {
+			p.Layers[i].Pages, p.Layers[i].PageRanks = nil, nil
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
