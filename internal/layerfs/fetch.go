@@ -37,7 +37,8 @@ type fetcher struct {
 	mem      memLRU
 	inflight map[int]*flight
 	failed   map[int]failure
-	rec      *recording // nil: not recording
+	rec      *recording  // nil: not recording
+	recOn    atomic.Bool // rec != nil, read without mu
 
 	// base is the context of every flight; close cancels it and waits for
 	// the flights (fills) to end.
@@ -361,6 +362,7 @@ func (f *fetcher) startRecording() {
 	defer f.mu.Unlock()
 	if f.rec == nil {
 		f.rec = &recording{seen: make(map[int]bool)}
+		f.recOn.Store(true)
 	}
 }
 
@@ -372,6 +374,7 @@ func (f *fetcher) stopRecording() Recording {
 	}
 	r := f.rec
 	f.rec = nil
+	f.recOn.Store(false)
 	return Recording{Frames: r.order, Seq: r.seq, Pages: r.pages, PageSeq: r.pageSeq}
 }
 
@@ -394,6 +397,9 @@ func (f *fetcher) noteFrames(first, last int) {
 // stream: the parts of it not read before, as ranges; a range that
 // continues the one recorded last extends it.
 func (f *fetcher) notePages(off, n int64) {
+	if !f.recOn.Load() {
+		return
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	r := f.rec

@@ -364,12 +364,15 @@ func (f *FS) readPages(ctx context.Context, dest []byte, off int64, e *layerinde
 	if !ok || len(dest) == 0 {
 		return false
 	}
+	if !ps.CoversPages(off, int64(len(dest))) {
+		if time.Now().UnixNano() <= f.profiledUntil.Load() {
+			f.log.Debug("layerfs: read not in the start-up pages", "path", e.Path, "offset", fileOff, "length", len(dest))
+		}
+		return false
+	}
 	ctx, cancel := context.WithTimeout(ctx, f.opts.FetchTimeout)
 	defer cancel()
 	if !ps.ReadPages(ctx, dest, off) {
-		if ctx.Err() == nil && time.Now().UnixNano() <= f.profiledUntil.Load() {
-			f.log.Debug("layerfs: read not in the start-up pages", "path", e.Path, "offset", fileOff, "length", len(dest))
-		}
 		return false
 	}
 	first, last := f.ix.FramesFor(off, int64(len(dest)))
