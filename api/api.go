@@ -140,10 +140,10 @@ type ProfileLayer struct {
 	// in the order they will be needed.
 	Ranks []int `json:"ranks,omitempty"`
 	// Pages, if present, are the byte ranges [offset, length] of the
-	// layer's uncompressed stream that the start read, whole 4 KiB pages
-	// of the stream, and PageRanks their places in the order the image's
-	// pages were first read across all its layers (0 first). The registry
-	// makes Profile.Pack of them.
+	// layer's uncompressed stream that the start read (each byte once),
+	// and PageRanks their places in the order the image's ranges were
+	// first read across all its layers (0 first). The registry makes
+	// Profile.Pack of them and stores the profile without them.
 	Pages     [][2]int64 `json:"pages,omitempty"`
 	PageRanks []int      `json:"pageRanks,omitempty"`
 }
