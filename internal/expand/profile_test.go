@@ -15,17 +15,25 @@ import (
 	"github.com/strata-oci/strata/layerindex"
 )
 
-func TestProfileAPI(t *testing.T) {
-	srv := start(t, t.TempDir())
-	defer srv.stop()
-	tr, _ := files(t)
+// mountedImage pushes an image of files(t) as lib/app:v1 and expands its
+// layer: the manifest and layer digests, the mount descriptor and the
+// files' content.
+func mountedImage(t *testing.T, srv *server) (m, layer digest.Digest, md api.MountDescriptor, content map[string][]byte) {
+	t.Helper()
+	tr, content := files(t)
 	m, descs := pushImage(t, srv.URL, "lib/app", "v1", ocilayout.GzipLayer(tr))
-	layer := descs[0].Digest
+	layer = descs[0].Digest
 	code, body := mount(t, srv.URL, "lib/app", layer)
-	var md api.MountDescriptor
 	if code != 200 || json.Unmarshal(body, &md) != nil {
 		t.Fatalf("mount: %d %s", code, body)
 	}
+	return m, layer, md, content
+}
+
+func TestProfileAPI(t *testing.T) {
+	srv := start(t, t.TempDir())
+	defer srv.stop()
+	m, layer, md, _ := mountedImage(t, srv)
 	url := srv.URL + api.ProfilePath("lib/app", m)
 
 	if code, _, body := req(t, "GET", url, nil); code != http.StatusNotFound || !json.Valid(body) {
@@ -97,14 +105,7 @@ func TestProfileAPI(t *testing.T) {
 func TestProfilePack(t *testing.T) {
 	srv := start(t, t.TempDir())
 	defer srv.stop()
-	tr, content := files(t)
-	m, descs := pushImage(t, srv.URL, "lib/app", "v1", ocilayout.GzipLayer(tr))
-	layer := descs[0].Digest
-	code, body := mount(t, srv.URL, "lib/app", layer)
-	var md api.MountDescriptor
-	if code != 200 || json.Unmarshal(body, &md) != nil {
-		t.Fatalf("mount: %d %s", code, body)
-	}
+	m, layer, md, content := mountedImage(t, srv)
 	code, _, raw := req(t, "GET", srv.URL+"/v2/lib/app/blobs/"+md.Index.Digest.String(), nil)
 	ix, err := layerindex.Decode(raw)
 	if code != 200 || err != nil {
@@ -146,7 +147,7 @@ func TestProfilePack(t *testing.T) {
 	if code, body := put(p); code != 201 {
 		t.Fatalf("PUT: %d %s", code, body)
 	}
-	code, _, body = req(t, "GET", url, nil)
+	code, _, body := req(t, "GET", url, nil)
 	var got api.Profile
 	if code != 200 || json.Unmarshal(body, &got) != nil || got.Pack == nil {
 		t.Fatalf("GET: %d %s", code, body)

@@ -247,24 +247,34 @@ func (eb *earlyBlob) covers(off, n int64) bool {
 // parts returns the pieces that cover bytes [off, off+n), in order, or
 // false when they do not cover all of them.
 func (eb *earlyBlob) parts(off, n int64) ([]*earlyPiece, bool) {
-	i, _ := slices.BinarySearchFunc(eb.pieces, off, func(p *earlyPiece, off int64) int {
+	return covering(eb.pieces, func(p *earlyPiece) (int64, int64) { return p.off, p.n }, off, n)
+}
+
+// covering returns the items, sorted by their ranges [offset, offset +
+// length) (span) and not overlapping, that cover bytes [off, off+n)
+// without a gap, in order, or false when they do not.
+func covering[T any](items []T, span func(T) (int64, int64), off, n int64) ([]T, bool) {
+	i, _ := slices.BinarySearchFunc(items, off, func(it T, off int64) int {
+		o, l := span(it)
 		switch {
-		case p.off+p.n <= off:
+		case o+l <= off:
 			return -1
-		case p.off > off:
+		case o > off:
 			return 1
 		}
 		return 0
 	})
-	end := off + n
-	var parts []*earlyPiece
-	for at := off; at < end; {
-		if i >= len(eb.pieces) || eb.pieces[i].off > at || eb.pieces[i].off+eb.pieces[i].n <= at {
+	var parts []T
+	for at, end := off, off+n; at < end; i++ {
+		if i >= len(items) {
 			return nil, false
 		}
-		parts = append(parts, eb.pieces[i])
-		at = eb.pieces[i].off + eb.pieces[i].n
-		i++
+		o, l := span(items[i])
+		if o > at || o+l <= at {
+			return nil, false
+		}
+		parts = append(parts, items[i])
+		at = o + l
 	}
 	return parts, true
 }

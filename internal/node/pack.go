@@ -91,25 +91,7 @@ func (c *packChunk) failed() bool {
 // parts returns the spans that cover bytes [off, off+n), in order, or
 // false when they do not cover all of them.
 func (pl *packLayer) parts(off, n int64) ([]packSpan, bool) {
-	i, _ := slices.BinarySearchFunc(pl.spans, off, func(s packSpan, off int64) int {
-		switch {
-		case s.off+s.n <= off:
-			return -1
-		case s.off > off:
-			return 1
-		}
-		return 0
-	})
-	var parts []packSpan
-	for at, end := off, off+n; at < end; {
-		if i >= len(pl.spans) || pl.spans[i].off > at || pl.spans[i].off+pl.spans[i].n <= at {
-			return nil, false
-		}
-		parts = append(parts, pl.spans[i])
-		at = pl.spans[i].off + pl.spans[i].n
-		i++
-	}
-	return parts, true
+	return covering(pl.spans, func(s packSpan) (int64, int64) { return s.off, s.n }, off, n)
 }
 
 // chunksFor calls fn for each chunk holding bytes [at, at+n) of the pack's
@@ -137,33 +119,11 @@ func (pl *packLayer) chunksFor(at, n int64, fn func(c *packChunk, lo, hi, dst in
 	return nil
 }
 
-// covers reports whether the pack holds bytes [off, off+n) of the stream,
-// in chunks that have not failed (they may be on their way).
-func (pl *packLayer) covers(off, n int64) bool {
-	parts, ok := pl.parts(off, n)
-	if !ok {
-		return false
-	}
-	for _, s := range parts {
-		lo := max(off, s.off)
-		hi := min(off+n, s.off+s.n)
-		err := pl.chunksFor(s.at+lo-s.off, hi-lo, func(c *packChunk, _, _, _ int64) error {
-			if c.failed() {
-				return errors.New("failed")
-			}
-			return nil
-		})
-		if err != nil {
-			return false
-		}
-	}
-	return true
-}
-
-// read fills dest with bytes [off, off+len(dest)) of the stream if the
-// pack holds them, waiting for their chunks until ctx is done.
-func (pl *packLayer) read(ctx context.Context, dest []byte, off int64) bool {
-	n := int64(len(dest))
+// walk calls fn for each part of a chunk that holds bytes [off, off+n) of
+// the stream, in order, with the part of the chunk's content [clo, chi)
+// and where it goes, relative to off; it returns false when the pack does
+// not hold all of them or fn fails.
+func (pl *packLayer) walk(off, n int64, fn func(c *packChunk, clo, chi, to int64) error) bool {
 	parts, ok := pl.parts(off, n)
 	if !ok {
 		return false
@@ -173,18 +133,37 @@ func (pl *packLayer) read(ctx context.Context, dest []byte, off int64) bool {
 		hi := min(off+n, s.off+s.n)
 		base := s.at + lo - s.off // pack position of stream offset lo
 		err := pl.chunksFor(base, hi-lo, func(c *packChunk, clo, chi, at int64) error {
-			data, err := c.get(ctx)
-			if err != nil {
-				return err
-			}
-			copy(dest[lo-off+at-base:], data[clo:chi])
-			return nil
+			return fn(c, clo, chi, lo-off+at-base)
 		})
 		if err != nil {
 			return false
 		}
 	}
 	return true
+}
+
+// covers reports whether the pack holds bytes [off, off+n) of the stream,
+// in chunks that have not failed (they may be on their way).
+func (pl *packLayer) covers(off, n int64) bool {
+	return pl.walk(off, n, func(c *packChunk, _, _, _ int64) error {
+		if c.failed() {
+			return errors.New("failed")
+		}
+		return nil
+	})
+}
+
+// read fills dest with bytes [off, off+len(dest)) of the stream if the
+// pack holds them, waiting for their chunks until ctx is done.
+func (pl *packLayer) read(ctx context.Context, dest []byte, off int64) bool {
+	return pl.walk(off, int64(len(dest)), func(c *packChunk, clo, chi, to int64) error {
+		data, err := c.get(ctx)
+		if err != nil {
+			return err
+		}
+		copy(dest[to:], data[clo:chi])
+		return nil
+	})
 }
 
 // checkPack checks the table of pack k against profile p: at most
