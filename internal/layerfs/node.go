@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"io"
+	"log/slog"
 	"sort"
 	"strings"
 	"sync"
@@ -365,7 +366,7 @@ func (f *FS) readPages(ctx context.Context, dest []byte, off int64, e *layerinde
 		return false
 	}
 	if !ps.CoversPages(off, int64(len(dest))) {
-		if time.Now().UnixNano() <= f.profiledUntil.Load() {
+		if f.log.Enabled(ctx, slog.LevelDebug) && time.Now().UnixNano() <= f.profiledUntil.Load() {
 			f.log.Debug("layerfs: read not in the start-up pages", "path", e.Path, "offset", fileOff, "length", len(dest))
 		}
 		return false
