@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -163,4 +164,35 @@ func TestMountDebianPython(t *testing.T) {
 	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), mnt) {
 		t.Fatalf("%s still mounted after umount", mnt)
 	}
+}
+
+// TestMountCompletesFiles: a file a process read through a lazy layer
+// without its whole content in the cache (python3's 6 MB program) is
+// completed into the node's cache in the background once the node is
+// quiet, and `strata df` says so.
+func TestMountCompletesFiles(t *testing.T) {
+	testenv.RequireFUSE(t)
+	layout, _, _ := debianPython(t)
+	reg := startRegistry(t)
+	ref := reg.Addr + "/debian/python:latest"
+	pushLayout(t, layout, "latest", ref)
+
+	root := nodeRoot(t)
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	os.MkdirAll(mnt, 0o755)
+	strata(t, root, "mount", "--plain-http", ref, mnt)
+	defer strataErr(root, "umount", mnt)
+	out, err := exec.Command("chroot", mnt, "/usr/bin/python3", "-c", "print('hello')").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "hello" {
+		t.Fatalf("python3 under chroot: %v: %s", err, out)
+	}
+	done := regexp.MustCompile(`background: ([1-9][0-9]*) files completed into the cache .*, 0 pending, 0 failed`)
+	var df string
+	for end := time.Now().Add(60 * time.Second); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+		if df = strata(t, root, "df"); done.MatchString(df) {
+			t.Logf("strata df:\n%s", df)
+			return
+		}
+	}
+	t.Fatalf("no background completion reported:\n%s", df)
 }

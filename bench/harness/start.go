@@ -22,6 +22,7 @@ import (
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/bench/report"
+	"github.com/strata-oci/strata/internal/node"
 )
 
 // sampleTimeout bounds one measured start, however slow the link.
@@ -175,8 +176,54 @@ func (e *env) strataLazy(ctx context.Context, im *image, id string) (cold, warm 
 		warm.Error = "cold start failed"
 		return cold, warm
 	}
+	bg, err := e.waitBackground(ctx, root)
+	if err != nil {
+		warm.Error = err.Error()
+		return cold, warm
+	}
 	warm = e.strataRun(ctx, root, e.strataProxy.Addr(), im, "--startup-profiles", "off")
+	warm.BackgroundBytes, warm.BackgroundTime = bg.bytes, bg.took
 	return cold, warm
+}
+
+// background is what a node's background completion of files did between
+// two runs: the bytes it fetched over the link, and how long it took.
+type background struct {
+	bytes int64
+	took  time.Duration
+}
+
+// waitBackground waits, untimed, until the node on root has put the files
+// the last run read whole into its cache (node.Options.CompleteMax), which
+// it does on its own once the node is quiet: a warm start is one on a node
+// that did so.
+func (e *env) waitBackground(ctx context.Context, root string) (background, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	c, err := node.Dial(ctx, root, nil)
+	if err != nil {
+		return background{}, fmt.Errorf("node daemon: %w", err)
+	}
+	start, link0 := time.Now(), e.linkBytes()
+	for {
+		r, err := c.DF(ctx)
+		if err != nil {
+			return background{}, fmt.Errorf("waiting for the node's background completion: %w", err)
+		}
+		if r.Background == nil || r.Background.Pending == 0 {
+			bg := background{bytes: e.linkBytes() - link0, took: time.Since(start)}
+			if r.Background != nil {
+				e.logf("background completion: %d files (%d bytes), %d bytes over the link, waited %v",
+					r.Background.Files, r.Background.Bytes, bg.bytes, bg.took.Round(time.Millisecond))
+			}
+			return bg, nil
+		}
+		select {
+		case <-ctx.Done():
+			return background{}, fmt.Errorf("waiting for the node's background completion: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // strataProfiled measures a cold start on a fresh node root of an image

@@ -84,10 +84,15 @@ type Sample struct {
 	// Conns is the number of TCP connections the node opened over the link;
 	// Requests the HTTP requests strata's registry served (strata systems
 	// only), BlobRequests those of the blob route.
-	Conns        int64  `json:"conns"`
-	Requests     int64  `json:"requests,omitempty"`
-	BlobRequests int64  `json:"blob_requests,omitempty"`
-	Error        string `json:"error,omitempty"`
+	Conns        int64 `json:"conns"`
+	Requests     int64 `json:"requests,omitempty"`
+	BlobRequests int64 `json:"blob_requests,omitempty"`
+	// BackgroundBytes crossed the link, and BackgroundTime passed, while
+	// the node completed in the background the files the run before read
+	// (warm starts, which wait for that untimed).
+	BackgroundBytes int64         `json:"background_bytes,omitempty"`
+	BackgroundTime  time.Duration `json:"background_ns,omitempty"`
+	Error           string        `json:"error,omitempty"`
 }
 
 // Start is every sample of one system starting one image over one profile.

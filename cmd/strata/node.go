@@ -191,6 +191,10 @@ func newDFCmd(g *globalFlags) *cobra.Command {
 			}
 			tw.Flush()
 			fmt.Printf("cache: %s in %d items (limit %s)\n", human(r.CacheBytes), r.CacheItems, human(r.CacheLimit))
+			if bg := r.Background; bg != nil && (bg.Pending > 0 || bg.Files > 0 || bg.Failed > 0) {
+				fmt.Printf("background: %d files completed into the cache (%s, %s fetched), %d pending, %d failed\n",
+					bg.Files, human(bg.Bytes), human(bg.Fetched), bg.Pending, bg.Failed)
+			}
 			return nil
 		},
 	}

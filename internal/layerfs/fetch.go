@@ -357,25 +357,29 @@ const prefetchPiece = 1 << 20
 
 // startRecording starts listing the frames read; stopRecording ends it and
 // returns them in the order first read, with their places in readSeq.
-func (f *fetcher) startRecording() {
+// Each reports whether it changed anything: a recording started, or one
+// ended.
+func (f *fetcher) startRecording() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.rec == nil {
-		f.rec = &recording{seen: make(map[int]bool)}
-		f.recOn.Store(true)
+	if f.rec != nil {
+		return false
 	}
+	f.rec = &recording{seen: make(map[int]bool)}
+	f.recOn.Store(true)
+	return true
 }
 
-func (f *fetcher) stopRecording() Recording {
+func (f *fetcher) stopRecording() (Recording, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.rec == nil {
-		return Recording{}
+		return Recording{}, false
 	}
 	r := f.rec
 	f.rec = nil
 	f.recOn.Store(false)
-	return Recording{Frames: r.order, Seq: r.seq, Pages: r.pages, PageSeq: r.pageSeq}
+	return Recording{Frames: r.order, Seq: r.seq, Pages: r.pages, PageSeq: r.pageSeq}, true
 }
 
 // noteFrames records a read of frames first to last. f.mu is held.

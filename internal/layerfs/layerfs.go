@@ -128,6 +128,10 @@ type Options struct {
 	// cache, to open it with passthrough. Default 1 MiB; negative: only
 	// files already in the cache are opened with passthrough.
 	MaterializeMax int64
+	// Completer, shared by the FSs of a node, puts files this FS served
+	// whole into the cache in the background, so that later opens use
+	// passthrough (see Completer). Nil: none.
+	Completer *Completer
 
 	// ProgramMax: when a read at offset 0 shows a file is an ELF program
 	// or library (a process is starting it, or the loader is mapping it),
@@ -209,6 +213,8 @@ type FS struct {
 	primary map[int]int
 	// profiledUntil (Unix ns): until then, no sequential readahead.
 	profiledUntil atomic.Int64
+	// holding: a recording holds back Options.Completer.
+	holding atomic.Bool
 	// programs marks the entries already found to be programs.
 	programs []atomic.Bool
 }
@@ -270,7 +276,10 @@ func Mount(ctx context.Context, dir string, ix *layerindex.Index, src Source, c 
 
 // Close stops the FS's fetches in the background (prefetches, readahead)
 // and waits for them to end. Reads after Close fail.
-func (f *FS) Close() { f.fetch.close() }
+func (f *FS) Close() {
+	f.release()
+	f.fetch.close()
+}
 
 // Mount mounts the file system on dir, read-only, and returns once the
 // kernel has it. Unmount it with Server.Unmount.
@@ -517,10 +526,27 @@ const profileWindow = 10 * time.Second
 // reads across all the FSs of the process (so the recordings of several
 // layers merge into one order). Prefetches are not reads; putting a file
 // whole into the cache is a read of all of it.
-func (f *FS) StartRecording() { f.fetch.startRecording() }
+// A recording holds back the Options.Completer: a file completed into the
+// cache would be read with passthrough, unseen.
+func (f *FS) StartRecording() {
+	if f.fetch.startRecording() && f.opts.Completer != nil && !f.holding.Swap(true) {
+		f.opts.Completer.recording.Add(1)
+	}
+}
 
 // StopRecording: see StartRecording and Recording.
-func (f *FS) StopRecording() Recording { return f.fetch.stopRecording() }
+func (f *FS) StopRecording() Recording {
+	r, _ := f.fetch.stopRecording()
+	f.release()
+	return r
+}
+
+// release lets the Completer go on, if a recording held it back.
+func (f *FS) release() {
+	if f.holding.Swap(false) {
+		f.opts.Completer.recording.Add(-1)
+	}
+}
 
 // Cached reports whether the frames ks are all on the node: in memory or
 // in the cache.

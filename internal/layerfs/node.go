@@ -218,6 +218,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EROFS
 	}
+	if c := n.fs.opts.Completer; c != nil {
+		c.Busy()
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.served == 0 {
@@ -412,6 +415,9 @@ func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 	}
 	f.st.servedReads.Add(1)
 	f.st.servedBytes.Add(int64(len(b)))
+	if c := f.opts.Completer; c != nil {
+		c.Busy()
+	}
 	if off == 0 {
 		f.program(h.n.i, b)
 	}
@@ -431,10 +437,18 @@ func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 	return fuse.ReadResultData(b), 0
 }
 
+// Release hands the file to the Completer when its last served handle
+// closes: the next open can then use passthrough.
 func (h *servedFile) Release(ctx context.Context) syscall.Errno {
-	h.n.mu.Lock()
-	h.n.served--
-	h.n.mu.Unlock()
+	n := h.n
+	n.mu.Lock()
+	n.served--
+	last := n.served == 0
+	n.mu.Unlock()
+	f := n.fs
+	if c := f.opts.Completer; last && c != nil && f.cache != nil && !f.opts.DisablePassthrough && n.mnt.passthrough.Load() >= 0 {
+		c.add(f, n.entry())
+	}
 	return 0
 }
 

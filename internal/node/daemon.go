@@ -142,7 +142,7 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 			continue
 		case <-tick.C:
 			m.ReapDead(ctx)
-			if len(m.Leases()) > 0 || inflight.Load() > 0 {
+			if len(m.Leases()) > 0 || inflight.Load() > 0 || m.completing() {
 				idleSince = time.Now()
 			}
 			if opts.IdleTimeout <= 0 || time.Since(idleSince) < opts.IdleTimeout {

@@ -7,6 +7,7 @@ import (
 	"sort"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/layerfs"
 )
 
 // LayerUsage is one layer's line of `strata df`.
@@ -29,6 +30,9 @@ type DFReport struct {
 	CacheBytes int64        `json:"cacheBytes"`
 	CacheLimit int64        `json:"cacheLimit"`
 	CacheItems int          `json:"cacheItems"`
+	// Background is what the node's background completion of files read
+	// from lazy layers did (nil when it is off).
+	Background *layerfs.CompleterStats `json:"background,omitempty"`
 }
 
 // DF reports per-layer bytes fetched against totals, and cache use.
@@ -70,5 +74,15 @@ func (m *Manager) DF() *DFReport {
 	sort.Slice(r.Layers, func(i, j int) bool { return r.Layers[i].Digest < r.Layers[j].Digest })
 	st := m.cache.Stats()
 	r.CacheBytes, r.CacheLimit, r.CacheItems = st.Bytes, m.opts.CacheSize, st.Items
+	if m.complete != nil {
+		bg := m.complete.Stats()
+		r.Background = &bg
+	}
 	return r
+}
+
+// completing reports whether files are being completed into the cache in
+// the background (see Options.CompleteMax).
+func (m *Manager) completing() bool {
+	return m.complete != nil && m.complete.Stats().Pending > 0
 }

@@ -73,6 +73,12 @@ type Options struct {
 	// recorded into a new profile (default 10 s; the recording also ends
 	// when the container's lease does).
 	ProfileWindow time.Duration
+	// CompleteMax is the largest file of a lazy layer that the node puts
+	// whole into its cache in the background after a container read part
+	// of it, so that later opens read the cache directly (passthrough;
+	// see layerfs.Completer). 0: 256 MiB; never more than a quarter of
+	// CacheSize; negative: none.
+	CompleteMax int64
 }
 
 // Values of Options.Profiles.
@@ -89,6 +95,11 @@ type Manager struct {
 	log    *slog.Logger
 	cache  *cache.Cache
 	client *remote.Client
+	// complete puts files read from lazy layers whole into the cache in
+	// the background; nil if Options.CompleteMax < 0.
+	complete *layerfs.Completer
+	// fetchedMu serializes addFetched.
+	fetchedMu sync.Mutex
 
 	mu     sync.Mutex
 	plain  map[string]bool
@@ -225,6 +236,17 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		packs: map[packKey]*packLayer{}, packing: map[packKey]bool{},
 	}
 	m.client = opts.Remote(m.isPlain)
+	if opts.CompleteMax >= 0 {
+		// A completed file must not push a bounded cache's working set out.
+		maxFile := opts.CompleteMax
+		if maxFile == 0 {
+			maxFile = 256 << 20
+		}
+		if opts.CacheSize > 0 {
+			maxFile = min(maxFile, opts.CacheSize/4)
+		}
+		m.complete = layerfs.NewCompleter(layerfs.CompleterOptions{Logger: log, MaxFile: maxFile, Fetched: m.addFetched})
+	}
 	m.cleanStale()
 	m.restore(ctx)
 	return m, nil
@@ -331,6 +353,9 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 	r, err := remote.ParseReference(ref)
 	if err != nil {
 		return nil, err
+	}
+	if m.complete != nil {
+		m.complete.Busy()
 	}
 	if plainHTTP {
 		m.mu.Lock()
@@ -771,6 +796,9 @@ var errNotPulled = errors.New("not pulled")
 // union) is starting now, not being restored after a restart: its image's
 // start-up profile is prefetched, or recorded when the registry has none.
 func (m *Manager) acquire(ctx context.Context, id string, img *Image, union string, pid int, starting bool) (*Lease, error) {
+	if m.complete != nil {
+		m.complete.Busy() // a start: no background completion for a while
+	}
 	m.mu.Lock()
 	if _, ok := m.leases[id]; ok {
 		m.mu.Unlock()
@@ -993,6 +1021,7 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{
 		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
 		Prefetch: m.profileFrames(p, repo, d.Digest, ix.Data), Profiled: p != nil,
+		Completer: m.complete,
 	})
 	if err != nil {
 		return fmt.Errorf("mount layer %s: %w", d.Digest, err)
@@ -1122,6 +1151,9 @@ func (m *Manager) Close(ctx context.Context) {
 			l.server.Unmount()
 		}
 	}
+	if m.complete != nil {
+		m.complete.Close()
+	}
 }
 
 // blobSource reads a data blob's bytes with ranged GETs.
@@ -1198,6 +1230,8 @@ func (m *Manager) addFetched(d digest.Digest, n int64) {
 	if n == 0 {
 		return
 	}
+	m.fetchedMu.Lock()
+	defer m.fetchedMu.Unlock()
 	total := m.fetchedBefore(d) + n
 	atomicfile.Write(filepath.Join(layerDir(m.root, d), "fetched"), []byte(strconv.FormatInt(total, 10)))
 }
