@@ -205,6 +205,13 @@ func (e *env) waitBackground(ctx context.Context, root string) (background, erro
 		return background{}, fmt.Errorf("node daemon: %w", err)
 	}
 	start, link0 := time.Now(), e.linkBytes()
+	// The kernel tells the node that files were closed asynchronously;
+	// by the node's quiet time (1 s) everything read has been handed over.
+	select {
+	case <-ctx.Done():
+		return background{}, ctx.Err()
+	case <-time.After(1500 * time.Millisecond):
+	}
 	for {
 		r, err := c.DF(ctx)
 		if err != nil {

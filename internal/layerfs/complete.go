@@ -40,11 +40,12 @@ type Completer struct {
 	busy      atomic.Int64 // Unix ns of the last activity
 	recording atomic.Int64 // FSs recording a start-up profile
 
-	mu      sync.Mutex
-	queue   []completion
-	queued  map[digest.Digest]bool // queued or in progress
-	wake    chan struct{}
-	changed chan struct{} // closed and replaced when the queue empties
+	mu       sync.Mutex
+	queue    []completion
+	queued   map[digest.Digest]bool      // queued or in progress
+	failedAt map[digest.Digest]time.Time // not tried again for retryAfter
+	wake     chan struct{}
+	changed  chan struct{} // closed and replaced when the queue empties
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -79,6 +80,19 @@ type CompleterOptions struct {
 // before it checks again that the node is quiet.
 const completeBatch = 4 << 20
 
+// retryAfter is how long a file whose completion failed is not tried
+// again: a broken frame or a failing registry must not make every close
+// of the file fetch it again.
+const retryAfter = 10 * time.Minute
+
+var (
+	// errHeldBack: a recording started while the file was being
+	// completed; it is put back in the queue, not into the cache.
+	errHeldBack = errors.New("a start-up profile is being recorded")
+	// errPresent: the file was in the cache already.
+	errPresent = errors.New("in the cache already")
+)
+
 // NewCompleter starts a Completer; Close stops it.
 func NewCompleter(opts CompleterOptions) *Completer {
 	if opts.Logger == nil {
@@ -93,7 +107,7 @@ func NewCompleter(opts CompleterOptions) *Completer {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Completer{
 		log: opts.Logger, quiet: opts.Quiet, max: opts.MaxFile, onFetch: opts.Fetched,
-		queued: make(map[digest.Digest]bool), wake: make(chan struct{}, 1), changed: make(chan struct{}),
+		queued: make(map[digest.Digest]bool), failedAt: make(map[digest.Digest]time.Time), wake: make(chan struct{}, 1), changed: make(chan struct{}),
 		ctx: ctx, cancel: cancel, done: make(chan struct{}),
 	}
 	c.Busy()
@@ -152,6 +166,12 @@ func (c *Completer) add(f *FS, e *layerindex.Entry) {
 	if c.queued[e.Digest] || c.ctx.Err() != nil {
 		return
 	}
+	if at, ok := c.failedAt[e.Digest]; ok {
+		if time.Since(at) < retryAfter {
+			return
+		}
+		delete(c.failedAt, e.Digest)
+	}
 	c.queued[e.Digest] = true
 	c.queue = append(c.queue, completion{ix: f.ix, src: f.src(), cache: f.cache, opts: f.opts, e: e})
 	select {
@@ -161,7 +181,14 @@ func (c *Completer) add(f *FS, e *layerindex.Entry) {
 }
 
 func (c *Completer) run() {
-	defer close(c.done)
+	defer func() {
+		c.mu.Lock()
+		c.queue, c.queued = nil, map[digest.Digest]bool{}
+		close(c.changed)
+		c.changed = closedChan
+		c.mu.Unlock()
+		close(c.done)
+	}()
 	for {
 		c.mu.Lock()
 		if len(c.queue) == 0 {
@@ -183,20 +210,31 @@ func (c *Completer) run() {
 		if fetched > 0 && c.onFetch != nil {
 			c.onFetch(job.ix.Layer, fetched)
 		}
+		requeue := false
 		switch {
 		case err == nil:
 			c.files.Add(1)
 			c.bytes.Add(job.e.Size)
 			c.log.Debug("layerfs: file completed into the cache", "path", job.e.Path, "size", job.e.Size,
 				"fetched", fetched, "took", time.Since(start).Round(time.Millisecond))
-		case c.ctx.Err() != nil:
+		case c.ctx.Err() != nil, errors.Is(err, errPresent):
+		case errors.Is(err, errHeldBack):
+			requeue = true
 		default:
 			c.failed.Add(1)
 			c.log.Warn("layerfs: completing a file into the cache failed", "path", job.e.Path, "err", err)
 		}
 
 		c.mu.Lock()
-		delete(c.queued, job.e.Digest)
+		switch {
+		case requeue:
+			c.queue = append(c.queue, job)
+		case err != nil && !errors.Is(err, errPresent) && c.ctx.Err() == nil:
+			c.failedAt[job.e.Digest] = time.Now()
+			fallthrough
+		default:
+			delete(c.queued, job.e.Digest)
+		}
 		if len(c.queued) == 0 {
 			close(c.changed)
 			c.changed = make(chan struct{})
@@ -233,23 +271,29 @@ func (c *Completer) complete(ctx context.Context, job completion) (int64, error)
 		return 0, err
 	}
 	if job.cache.Contains(e.Digest) {
-		return 0, nil
+		return 0, errPresent
 	}
 	// A fetcher of its own: no miss windows, little memory, and the
 	// layer's FS may be gone.
 	opts := job.opts
 	opts.MissWindow = -1
 	opts.MemoryBytes = 2 * completeBatch
+	opts.Completer = nil
 	var st counters
 	fetch := newFetcher(ix, job.src, job.cache, &opts, &st)
-	defer fetch.close()
 
+	ctx, cancel := context.WithCancel(ctx)
 	pr, pw := io.Pipe()
+	streamed := make(chan struct{})
 	go func() {
+		defer close(streamed)
 		pw.CloseWithError(c.stream(ctx, fetch, e, pw))
 	}()
 	err := job.cache.PutFile(ctx, e.Digest, e.Size, pr)
 	pr.CloseWithError(errors.Join(err, io.ErrClosedPipe))
+	cancel()
+	<-streamed
+	fetch.close()
 	return st.fetchedBytes.Load(), err
 }
 
@@ -280,6 +324,11 @@ func (c *Completer) stream(ctx context.Context, fetch *fetcher, e *layerindex.En
 			}
 		}
 		k = j + 1
+	}
+	if c.recording.Load() > 0 {
+		// A start began recording meanwhile: it must see this file's
+		// reads, so the file must not be committed now.
+		return errHeldBack
 	}
 	return nil
 }

@@ -133,6 +133,11 @@ func TestCompleter(t *testing.T) {
 	if got := readFile(t, filepath.Join(dir, "bad.bin")); !bytes.Equal(got, bad) {
 		t.Error("bad.bin: wrong content after a failed completion")
 	}
+	// ... and does not try it again at once.
+	time.Sleep(time.Second)
+	if st := comp.Stats(); st.Failed != 1 || st.Pending != 0 || c.Contains(digest.FromBytes(bad)) {
+		t.Errorf("completer stats %+v: a failed file was tried again at once", st)
+	}
 }
 
 // TestCompleterClose: closing a Completer abandons the file it is
@@ -170,7 +175,12 @@ func TestCompleterClose(t *testing.T) {
 	if c.Contains(digest.FromBytes(big)) {
 		t.Error("an abandoned completion is in the cache")
 	}
-	if st := comp.Stats(); st.Files != 0 || st.Failed != 0 {
+	if st := comp.Stats(); st.Files != 0 || st.Failed != 0 || st.Pending != 0 {
 		t.Errorf("completer stats %+v", st)
+	}
+	select {
+	case <-comp.Idle():
+	default:
+		t.Error("a closed completer is not idle")
 	}
 }

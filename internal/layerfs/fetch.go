@@ -39,6 +39,7 @@ type fetcher struct {
 	failed   map[int]failure
 	rec      *recording  // nil: not recording
 	recOn    atomic.Bool // rec != nil, read without mu
+	holding  bool        // the recording holds back opts.Completer
 
 	// base is the context of every flight; close cancels it and waits for
 	// the flights (fills) to end.
@@ -357,29 +358,45 @@ const prefetchPiece = 1 << 20
 
 // startRecording starts listing the frames read; stopRecording ends it and
 // returns them in the order first read, with their places in readSeq.
-// Each reports whether it changed anything: a recording started, or one
-// ended.
-func (f *fetcher) startRecording() bool {
+// A recording holds back the Options.Completer: a file completed into the
+// cache would be read with passthrough, unseen.
+func (f *fetcher) startRecording() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.rec != nil {
-		return false
+	if f.rec != nil || f.closed {
+		return
 	}
 	f.rec = &recording{seen: make(map[int]bool)}
 	f.recOn.Store(true)
-	return true
+	f.holdCompleter(true)
 }
 
-func (f *fetcher) stopRecording() (Recording, bool) {
+func (f *fetcher) stopRecording() Recording {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.holdCompleter(false)
 	if f.rec == nil {
-		return Recording{}, false
+		return Recording{}
 	}
 	r := f.rec
 	f.rec = nil
 	f.recOn.Store(false)
-	return Recording{Frames: r.order, Seq: r.seq, Pages: r.pages, PageSeq: r.pageSeq}, true
+	return Recording{Frames: r.order, Seq: r.seq, Pages: r.pages, PageSeq: r.pageSeq}
+}
+
+// holdCompleter holds Options.Completer back, or lets it go on, once for
+// this fetcher. f.mu is held.
+func (f *fetcher) holdCompleter(hold bool) {
+	c := f.opts.Completer
+	if c == nil || f.holding == hold {
+		return
+	}
+	f.holding = hold
+	if hold {
+		c.recording.Add(1)
+	} else {
+		c.recording.Add(-1)
+	}
 }
 
 // noteFrames records a read of frames first to last. f.mu is held.
@@ -503,6 +520,7 @@ func (f *fetcher) startFill(ks []int) {
 func (f *fetcher) close() {
 	f.mu.Lock()
 	f.closed = true
+	f.holdCompleter(false)
 	f.mu.Unlock()
 	f.cancel()
 	f.fills.Wait()

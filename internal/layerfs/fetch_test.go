@@ -323,7 +323,7 @@ func TestFetcherPrefetchListAndRecording(t *testing.T) {
 		}
 	}
 	f.prefetch(31, 32) // prefetches are not reads
-	rec, _ := f.stopRecording()
+	rec := f.stopRecording()
 	recorded, seq := rec.Frames, rec.Seq
 	if want := []int{7, 3, 30}; !slices.Equal(recorded, want) {
 		t.Errorf("recorded %v, want %v (first-read order)", recorded, want)
@@ -331,7 +331,7 @@ func TestFetcherPrefetchListAndRecording(t *testing.T) {
 	if len(seq) != len(recorded) || !slices.IsSorted(seq) || seq[0] == seq[1] || seq[1] == seq[2] {
 		t.Errorf("sequence numbers %v, want %d increasing", seq, len(recorded))
 	}
-	if again, _ := f.stopRecording(); again.Frames != nil {
+	if again := f.stopRecording(); again.Frames != nil {
 		t.Error("a stopped recording returns frames again")
 	}
 	waitIdle(t, f)

@@ -213,8 +213,6 @@ type FS struct {
 	primary map[int]int
 	// profiledUntil (Unix ns): until then, no sequential readahead.
 	profiledUntil atomic.Int64
-	// holding: a recording holds back Options.Completer.
-	holding atomic.Bool
 	// programs marks the entries already found to be programs.
 	programs []atomic.Bool
 }
@@ -276,10 +274,7 @@ func Mount(ctx context.Context, dir string, ix *layerindex.Index, src Source, c 
 
 // Close stops the FS's fetches in the background (prefetches, readahead)
 // and waits for them to end. Reads after Close fail.
-func (f *FS) Close() {
-	f.release()
-	f.fetch.close()
-}
+func (f *FS) Close() { f.fetch.close() }
 
 // Mount mounts the file system on dir, read-only, and returns once the
 // kernel has it. Unmount it with Server.Unmount.
@@ -528,25 +523,10 @@ const profileWindow = 10 * time.Second
 // whole into the cache is a read of all of it.
 // A recording holds back the Options.Completer: a file completed into the
 // cache would be read with passthrough, unseen.
-func (f *FS) StartRecording() {
-	if f.fetch.startRecording() && f.opts.Completer != nil && !f.holding.Swap(true) {
-		f.opts.Completer.recording.Add(1)
-	}
-}
+func (f *FS) StartRecording() { f.fetch.startRecording() }
 
 // StopRecording: see StartRecording and Recording.
-func (f *FS) StopRecording() Recording {
-	r, _ := f.fetch.stopRecording()
-	f.release()
-	return r
-}
-
-// release lets the Completer go on, if a recording held it back.
-func (f *FS) release() {
-	if f.holding.Swap(false) {
-		f.opts.Completer.recording.Add(-1)
-	}
-}
+func (f *FS) StopRecording() Recording { return f.fetch.stopRecording() }
 
 // Cached reports whether the frames ks are all on the node: in memory or
 // in the cache.

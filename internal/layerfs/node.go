@@ -409,6 +409,9 @@ type servedFile struct {
 
 func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f, e := h.n.fs, h.n.entry()
+	if c := f.opts.Completer; c != nil {
+		c.Busy()
+	}
 	b, err := f.readAt(ctx, e, dest, off)
 	if err != nil {
 		return nil, f.errno(ctx, e.Path, err)

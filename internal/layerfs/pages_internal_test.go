@@ -38,7 +38,7 @@ func TestFetcherRecordsPages(t *testing.T) {
 	f.notePages(12288, 100) // continues the last: one range
 	f.notePages(0, 4096)
 	f.notePages(8000, 5000) // only [8000, 8192) is new
-	rec, _ := f.stopRecording()
+	rec := f.stopRecording()
 	want := [][2]int64{{8192, 4196}, {0, 4096}, {8000, 192}, {12388, 612}}
 	if !slices.Equal(rec.Pages, want) {
 		t.Errorf("pages %v, want %v", rec.Pages, want)
