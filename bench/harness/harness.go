@@ -289,6 +289,7 @@ var notes = []string{
 	"Bytes over the link are the payload bytes the proxy delivered to the node (registry responses), not counting TCP/IP headers.",
 	"Peak node disk is the largest growth of the node's disk (an ext4 file system of its own, sampled every 20 ms with statfs) during the run: containerd's content store and snapshots, strata's node root (cache, unpacked layers, container upper).",
 	"containerd pulls from the CNCF distribution registry, strata's fallback too; strata's lazy start uses strata's registry. Both registries run side by side behind the same link.",
+	"strata-lazy-warm runs on the node of the cold start once that node has put the files the cold start read whole into its cache, which it does in the background when it is quiet (docs/architecture.md); the harness waits for that, untimed, and shows what it fetched as \"before, background\". The read benchmark's warm passes wait likewise.",
 }
 
 // host describes this machine.

@@ -96,13 +96,18 @@ func (r *Report) Markdown(charts []string) string {
 				if st.Requests.Median > 0 {
 					rq = fmt.Sprintf("%.0f (%.0f)", st.Requests.Median, st.Conns.Median)
 				}
+				link := MB(int64(st.LinkBytes.Median))
+				if st.Background.N > 0 {
+					// What the node completed in the background before it.
+					link += fmt.Sprintf(" (+%s before, background)", MB(int64(st.Background.Median)))
+				}
 				ready := ""
 				if st.Ready.N > 0 {
 					ready = Secs(st.Ready.Median)
 				}
 				w("| %s | %s | **%s** | %s–%s | %s | %s | %s | %s | %.1f%% | %s | %s | %d (%d) |\n",
 					p.Label, sys, Secs(st.FirstLine.Median), Secs(st.FirstLine.Min), Secs(st.FirstLine.Max), ready,
-					vs, vl, MB(int64(st.LinkBytes.Median)), 100*st.FetchedFraction, rq, MB(int64(st.PeakDisk.Median)), len(st.Samples), st.Failures)
+					vs, vl, link, 100*st.FetchedFraction, rq, MB(int64(st.PeakDisk.Median)), len(st.Samples), st.Failures)
 			}
 			if lim != nil {
 				w("| %s | physical limit | %s | | | | | %s | | | | |\n", p.Label, Secs(lim.Seconds), MB(lim.CompressedBytes))

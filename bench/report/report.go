@@ -109,6 +109,8 @@ type Start struct {
 	PeakDisk  Stat `json:"peak_disk_bytes"`
 	Conns     Stat `json:"conns"`
 	Requests  Stat `json:"requests"`
+	// Background: Sample.BackgroundBytes.
+	Background Stat `json:"background_bytes"`
 	// FetchedFraction is LinkBytes over the image's compressed size.
 	FetchedFraction float64 `json:"fetched_fraction"`
 	Failures        int     `json:"failures"`
@@ -167,7 +169,7 @@ func Of(xs []float64) Stat {
 
 // Summarise fills the statistics of st from its successful samples.
 func (st *Start) Summarise(compressed int64) {
-	var fl, tot, lb, pd, cn, rq, rd []float64
+	var fl, tot, lb, pd, cn, rq, rd, bg []float64
 	st.Failures = 0
 	for _, s := range st.Samples {
 		if s.Error != "" {
@@ -180,13 +182,16 @@ func (st *Start) Summarise(compressed int64) {
 		pd = append(pd, float64(s.PeakDiskBytes))
 		cn = append(cn, float64(s.Conns))
 		rq = append(rq, float64(s.Requests))
+		if s.BackgroundTime > 0 {
+			bg = append(bg, float64(s.BackgroundBytes))
+		}
 		if s.Ready > 0 {
 			rd = append(rd, s.Ready.Seconds())
 		}
 	}
 	st.Ready = Of(rd)
 	st.FirstLine, st.Total, st.LinkBytes, st.PeakDisk = Of(fl), Of(tot), Of(lb), Of(pd)
-	st.Conns, st.Requests = Of(cn), Of(rq)
+	st.Conns, st.Requests, st.Background = Of(cn), Of(rq), Of(bg)
 	if compressed > 0 {
 		st.FetchedFraction = st.LinkBytes.Median / float64(compressed)
 	}
