@@ -25,7 +25,7 @@ var Describe = map[string]string{
 	StrataFallback: "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
 	StrataCold:     "strata lazy start: fresh node root and cache (its node daemon started before the clock, as containerd's is), image pushed and expanded, no start-up profile (`--startup-profiles off`): every read the workload makes that misses is a round trip",
 	StrataProfiled: "strata lazy start, fresh node root and cache, with the image's start-up profile: an earlier start on another node (before the timed runs) recorded what the workload read and stored it in the registry; the node fetches it with the layer indexes and prefetches it, in parallel, as the layers mount",
-	StrataWarm:     "strata lazy start again on the node of the cold start: layers cached, new container",
+	StrataWarm:     "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
 }
 
 // Markdown renders the report as tables; charts are image files in the
