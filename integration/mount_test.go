@@ -169,7 +169,8 @@ func TestMountDebianPython(t *testing.T) {
 // TestMountCompletesFiles: a file a process read through a lazy layer
 // without its whole content in the cache (python3's 6 MB program) is
 // completed into the node's cache in the background once the node is
-// quiet, and `strata df` says so.
+// quiet, and `strata df` says so; the layer stays mounted a while after
+// its last user is gone.
 func TestMountCompletesFiles(t *testing.T) {
 	testenv.RequireFUSE(t)
 	layout, _, _ := debianPython(t)
@@ -181,7 +182,12 @@ func TestMountCompletesFiles(t *testing.T) {
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	os.MkdirAll(mnt, 0o755)
 	strata(t, root, "mount", "--plain-http", ref, mnt)
-	defer strataErr(root, "umount", mnt)
+	mounted := true
+	defer func() {
+		if mounted {
+			strataErr(root, "umount", mnt)
+		}
+	}()
 	out, err := exec.Command("chroot", mnt, "/usr/bin/python3", "-c", "print('hello')").CombinedOutput()
 	if err != nil || strings.TrimSpace(string(out)) != "hello" {
 		t.Fatalf("python3 under chroot: %v: %s", err, out)
@@ -190,9 +196,23 @@ func TestMountCompletesFiles(t *testing.T) {
 	var df string
 	for end := time.Now().Add(60 * time.Second); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
 		if df = strata(t, root, "df"); done.MatchString(df) {
-			t.Logf("strata df:\n%s", df)
-			return
+			break
 		}
 	}
-	t.Fatalf("no background completion reported:\n%s", df)
+	if !done.MatchString(df) {
+		t.Fatalf("no background completion reported:\n%s", df)
+	}
+	t.Logf("strata df:\n%s", df)
+
+	// Unmounted, its layer lingers, mounted, for the next container or
+	// mount (the daemon's --layer-linger); the daemon's exit unmounts it
+	// (nodeRoot checks).
+	strata(t, root, "umount", mnt)
+	mounted = false
+	if b, _ := os.ReadFile("/proc/self/mountinfo"); !strings.Contains(string(b), filepath.Join(root, "layers")) {
+		t.Error("the layer was unmounted at once, not left to linger")
+	}
+	if df := strata(t, root, "df"); !regexp.MustCompile(`lazy\s+true`).MatchString(df) {
+		t.Errorf("df does not show the lingering layer mounted:\n%s", df)
+	}
 }

@@ -50,7 +50,7 @@ func (g *globalFlags) dial(cmd *cobra.Command) (*node.Client, error) {
 }
 
 func newDaemonCmd(g *globalFlags) *cobra.Command {
-	var idle time.Duration
+	var idle, linger time.Duration
 	cmd := &cobra.Command{
 		Use:    "daemon",
 		Short:  "Run the node daemon that serves layer mounts (started on demand by other commands)",
@@ -69,6 +69,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			log := g.logger()
 			m, err := node.Open(cmd.Context(), node.Options{
 				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout, Profiles: g.profiles,
+				Linger: linger,
 				Remote: func(plain func(string) bool) *remote.Client {
 					return remote.New(remote.Options{PlainHTTP: plain, Credentials: remote.DockerCredentials(log), Logger: log})
 				},
@@ -80,6 +81,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 		},
 	}
 	cmd.Flags().DurationVar(&idle, "idle-timeout", 30*time.Second, "exit after this long with nothing mounted (0: never)")
+	cmd.Flags().DurationVar(&linger, "layer-linger", time.Minute, "keep a lazy layer mounted this long after its last container or mount ends, so the next one finds the kernel's caches of it warm (0: unmount at once)")
 	return cmd
 }
 

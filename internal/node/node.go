@@ -73,6 +73,11 @@ type Options struct {
 	// recorded into a new profile (default 10 s; the recording also ends
 	// when the container's lease does).
 	ProfileWindow time.Duration
+	// Linger is how long a lazy layer stays mounted after the last lease
+	// using it ends: a container started meanwhile finds it mounted, with
+	// the kernel's caches of its names, attributes and pages intact (0:
+	// unmounted at once).
+	Linger time.Duration
 	// CompleteMax is the largest file of a lazy layer that the node puts
 	// whole into its cache in the background after a container read part
 	// of it, so that later opens read the cache directly (passthrough;
@@ -173,6 +178,10 @@ type layer struct {
 	// narrowed (narrowReadahead) until raTimer restores raDefault.
 	raTimer   *time.Timer
 	raDefault int
+
+	// linger unmounts a lazy layer no lease uses any more, unless a
+	// container takes it again first (Options.Linger).
+	linger *time.Timer
 }
 
 // Image is a pulled image as the node records it.
@@ -953,6 +962,10 @@ func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor, p *
 	m.mu.Lock()
 	if l, ok := m.layers[d.Digest]; ok {
 		l.refs++
+		if l.linger != nil {
+			l.linger.Stop()
+			l.linger = nil
+		}
 		m.mu.Unlock()
 		select {
 		case <-l.ready:
@@ -1091,6 +1104,27 @@ func (m *Manager) unref(l *layer) {
 		m.mu.Unlock()
 		return
 	}
+	if m.opts.Linger > 0 && l.server != nil && m.layers[l.digest] == l {
+		var t *time.Timer
+		t = time.AfterFunc(m.opts.Linger, func() {
+			m.mu.Lock()
+			if l.linger != t || l.refs > 0 {
+				m.mu.Unlock()
+				return
+			}
+			l.linger = nil
+			m.unmountLocked(l)
+		})
+		l.linger = t
+		m.mu.Unlock()
+		return
+	}
+	m.unmountLocked(l)
+}
+
+// unmountLocked forgets layer l, which no lease uses, and unmounts it.
+// m.mu is held; it is released.
+func (m *Manager) unmountLocked(l *layer) {
 	if m.layers[l.digest] == l {
 		delete(m.layers, l.digest)
 	}
@@ -1144,6 +1178,12 @@ func (m *Manager) Close(ctx context.Context) {
 		layers = append(layers, l)
 	}
 	m.layers = map[digest.Digest]*layer{}
+	for _, l := range layers {
+		if l.linger != nil {
+			l.linger.Stop()
+			l.linger = nil
+		}
+	}
 	m.mu.Unlock()
 	for _, l := range layers {
 		if l.server != nil {
