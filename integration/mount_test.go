@@ -97,21 +97,34 @@ func grepLines(s, sub string) string {
 	return strings.Join(out, "\n")
 }
 
+// pythonNode is the Debian+python3 image pushed to a registry of its own,
+// a node root and an empty directory to mount it on.
+type pythonNode struct {
+	reg            *registryProc
+	ref, root, mnt string
+	rootfs         string // the tree the image was made from
+	layerSize      int64
+}
+
+func pythonOnNode(t *testing.T) pythonNode {
+	testenv.RequireFUSE(t)
+	layout, rootfs, layerSize := debianPython(t)
+	reg := startRegistry(t)
+	ref := reg.Addr + "/debian/python:latest"
+	pushLayout(t, layout, "latest", ref)
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	os.MkdirAll(mnt, 0o755)
+	return pythonNode{reg: reg, ref: ref, root: nodeRoot(t), mnt: mnt, rootfs: rootfs, layerSize: layerSize}
+}
+
 // TestMountDebianPython mounts a real Debian+python3 image from
 // `strata registry serve`, checks that reading a handful of files fetches
 // a small fraction of the layer, that the whole tree equals the root
 // filesystem the layer was made from, and that python3 runs from it under
 // chroot with a cache far smaller than the image.
 func TestMountDebianPython(t *testing.T) {
-	testenv.RequireFUSE(t)
-	layout, rootfs, layerSize := debianPython(t)
-	reg := startRegistry(t)
-	ref := reg.Addr + "/debian/python:latest"
-	pushLayout(t, layout, "latest", ref)
-
-	root := nodeRoot(t)
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	os.MkdirAll(mnt, 0o755)
+	p := pythonOnNode(t)
+	reg, ref, root, mnt, rootfs, layerSize := p.reg, p.ref, p.root, p.mnt, p.rootfs, p.layerSize
 	before := blobBytesServed(t, reg)
 	strata(t, root, "--cache-size", "16MiB", "mount", "--plain-http", ref, mnt)
 	mounted := true
@@ -172,15 +185,8 @@ func TestMountDebianPython(t *testing.T) {
 // quiet, and `strata df` says so; the layer stays mounted a while after
 // its last user is gone.
 func TestMountCompletesFiles(t *testing.T) {
-	testenv.RequireFUSE(t)
-	layout, _, _ := debianPython(t)
-	reg := startRegistry(t)
-	ref := reg.Addr + "/debian/python:latest"
-	pushLayout(t, layout, "latest", ref)
-
-	root := nodeRoot(t)
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	os.MkdirAll(mnt, 0o755)
+	p := pythonOnNode(t)
+	ref, root, mnt := p.ref, p.root, p.mnt
 	strata(t, root, "mount", "--plain-http", ref, mnt)
 	mounted := true
 	defer func() {
