@@ -410,7 +410,10 @@ type servedFile struct {
 func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f, e := h.n.fs, h.n.entry()
 	if c := f.opts.Completer; c != nil {
+		// From its start to its end (a fetch may take long), a read keeps
+		// the node from being quiet.
 		c.Busy()
+		defer c.Busy()
 	}
 	b, err := f.readAt(ctx, e, dest, off)
 	if err != nil {
@@ -418,9 +421,6 @@ func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 	}
 	f.st.servedReads.Add(1)
 	f.st.servedBytes.Add(int64(len(b)))
-	if c := f.opts.Completer; c != nil {
-		c.Busy()
-	}
 	if off == 0 {
 		f.program(h.n.i, b)
 	}
