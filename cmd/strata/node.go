@@ -70,9 +70,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			m, err := node.Open(cmd.Context(), node.Options{
 				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout, Profiles: g.profiles,
 				Linger: linger,
-				Remote: func(plain func(string) bool) *remote.Client {
-					return remote.New(remote.Options{PlainHTTP: plain, Credentials: remote.DockerCredentials(log), Logger: log})
-				},
+				Remote: remote.New(remote.Options{Hosts: &remote.Hosts{}, Credentials: remote.DockerCredentials(log), Logger: log}),
 			})
 			if err != nil {
 				return err

@@ -31,18 +31,16 @@ is an ordinary overlay snapshot. State lives in ROOT/snapshotter.`,
 			hosts := snapshotter.Hosts{Dir: hostsDir}
 			m, err := node.Open(ctx, node.Options{
 				Root: filepath.Join(dir, "node"), CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout,
-				Remote: func(plain func(string) bool) *remote.Client {
-					return remote.New(remote.Options{
-						PlainHTTP:   func(r string) bool { return plain(r) || hosts.PlainHTTP(r) },
-						Credentials: remote.DockerCredentials(log), Logger: log,
-					})
-				},
+				Remote: remote.New(remote.Options{
+					Hosts:       remote.PlainHosts(hosts.PlainHTTP),
+					Credentials: remote.DockerCredentials(log), Logger: log,
+				}),
 			})
 			if err != nil {
 				return err
 			}
 			defer m.Close(ctx)
-			sn, err := snapshotter.Open(ctx, snapshotter.Options{Root: dir, Layers: m, PlainHTTP: hosts.PlainHTTP, Logger: log})
+			sn, err := snapshotter.Open(ctx, snapshotter.Options{Root: dir, Layers: m, Logger: log})
 			if err != nil {
 				return err
 			}

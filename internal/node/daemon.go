@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/strata-oci/strata/internal/remote"
 )
 
 // The node daemon owns the layer mounts: FUSE servers live in one process,
@@ -92,14 +94,20 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 			return nil, err
 		}
-		return m.Pull(r.Context(), req.Ref, req.PlainHTTP)
+		if err := allowPlain(m, req.Ref, req.PlainHTTP); err != nil {
+			return nil, err
+		}
+		return m.Pull(r.Context(), req.Ref)
 	})
 	handle("POST /v1/leases", func(r *http.Request) (any, error) {
 		var req acquireRequest
 		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 			return nil, err
 		}
-		return m.Acquire(context.WithoutCancel(r.Context()), req.ID, req.Ref, req.PlainHTTP, req.Union, req.PID)
+		if err := allowPlain(m, req.Ref, req.PlainHTTP); err != nil {
+			return nil, err
+		}
+		return m.Acquire(context.WithoutCancel(r.Context()), AcquireRequest{ID: req.ID, Ref: req.Ref, Union: req.Union, PID: req.PID})
 	})
 	handle("DELETE /v1/leases/{id}", func(r *http.Request) (any, error) {
 		return struct{}{}, m.Release(r.Context(), r.PathValue("id"))
@@ -157,6 +165,20 @@ func Serve(ctx context.Context, m *Manager, opts ServeOptions) error {
 	srv.Shutdown(sctx)
 	os.Remove(sock)
 	m.Close(context.Background())
+	return nil
+}
+
+// allowPlain marks the registry of ref as reached over plain HTTP when a
+// request asks for it (the user's --plain-http).
+func allowPlain(m *Manager, ref string, plainHTTP bool) error {
+	if !plainHTTP {
+		return nil
+	}
+	r, err := remote.ParseReference(ref)
+	if err != nil {
+		return err
+	}
+	m.client.Hosts().AllowPlainHTTP(r.Registry)
 	return nil
 }
 

@@ -22,8 +22,7 @@ var ErrNoLayerMount = errors.New("no layer mount")
 // Resolve resolves ref to one platform's manifest and config, without
 // recording an image. It is for callers that manage images themselves (the
 // containerd snapshotter), one layer at a time with MountLayer.
-func (m *Manager) Resolve(ctx context.Context, ref remote.Reference, plainHTTP bool) (*remote.Image, error) {
-	m.setPlain(ref.Registry, plainHTTP)
+func (m *Manager) Resolve(ctx context.Context, ref remote.Reference) (*remote.Image, error) {
 	return m.client.Resolve(ctx, ref)
 }
 
@@ -37,8 +36,7 @@ func (m *Manager) Resolve(ctx context.Context, ref remote.Reference, plainHTTP b
 // A registry without layer mounts, or a layer it cannot expand, is an error
 // wrapping ErrNoLayerMount whose text says why. A layer this node already
 // unpacked (a fallback Pull) is returned as its unpacked tree.
-func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest, plainHTTP bool) (dir string, release func(), err error) {
-	m.setPlain(repo.Registry, plainHTTP)
+func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error) {
 	// A layer whose index this node holds is mounted without asking the
 	// registry (a restarted snapshotter restores its snapshots offline).
 	if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "index")); err != nil {
@@ -62,16 +60,6 @@ func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocis
 
 // OffersMounts reports whether registry serves layer mounts (asked once and
 // remembered), and if not, why.
-func (m *Manager) OffersMounts(ctx context.Context, registry string, plainHTTP bool) (bool, string) {
-	m.setPlain(registry, plainHTTP)
+func (m *Manager) OffersMounts(ctx context.Context, registry string) (bool, string) {
 	return m.offersMounts(ctx, registry)
-}
-
-func (m *Manager) setPlain(registry string, plainHTTP bool) {
-	if !plainHTTP {
-		return
-	}
-	m.mu.Lock()
-	m.plain[registry] = true
-	m.mu.Unlock()
 }

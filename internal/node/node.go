@@ -57,9 +57,11 @@ type Options struct {
 	Root      string
 	CacheSize int64
 	Logger    *slog.Logger
-	// Remote builds the registry client; plain reports whether a registry
-	// is reached over plain HTTP.
-	Remote func(plain func(registry string) bool) *remote.Client
+	// Remote is the registry client. Its Hosts resolver is the node's:
+	// a registry a request reaches over plain HTTP is marked there
+	// (AllowPlainHTTP), and so is one an image was pulled from that way
+	// when its lease is restored.
+	Remote *remote.Client
 	// FetchTimeout bounds a read that must fetch from the registry; past it
 	// the read fails with EIO (0: layerfs's default).
 	FetchTimeout time.Duration
@@ -107,7 +109,6 @@ type Manager struct {
 	fetchedMu sync.Mutex
 
 	mu     sync.Mutex
-	plain  map[string]bool
 	info   map[string]bool // registry → offers layer mounts
 	layers map[digest.Digest]*layer
 	leases map[string]*Lease
@@ -238,13 +239,19 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m := &Manager{
 		opts: opts, root: opts.Root, log: log, cache: c,
-		plain: map[string]bool{}, info: map[string]bool{},
+		info:   map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{}, recordings: map[string]*profileRecording{},
 		decoded: map[digest.Digest]*layerindex.Index{}, early: map[digest.Digest]*earlyBlob{},
 		packs: map[packKey]*packLayer{}, packing: map[packKey]bool{},
 	}
-	m.client = opts.Remote(m.isPlain)
+	m.client = opts.Remote
+	if m.client == nil {
+		m.client = remote.New(remote.Options{Logger: log, Hosts: &remote.Hosts{}})
+	}
+	if m.client.Hosts() == nil {
+		return nil, errors.New("node: the registry client has no Hosts resolver")
+	}
 	if opts.CompleteMax >= 0 {
 		// A completed file must not push a bounded cache's working set out.
 		maxFile := opts.CompleteMax
@@ -259,12 +266,6 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	m.cleanStale()
 	m.restore(ctx)
 	return m, nil
-}
-
-func (m *Manager) isPlain(registry string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.plain[registry]
 }
 
 // cleanStale detaches mounts a crashed daemon left: union mounts of leases
@@ -302,6 +303,10 @@ func (m *Manager) restore(ctx context.Context) {
 			os.Remove(p)
 			continue
 		}
+		if l.Image.PlainHTTP {
+			// Its layers' frames come from where the image was pulled.
+			m.client.Hosts().AllowPlainHTTP(l.Image.Registry)
+		}
 		_, err = m.acquire(ctx, l.ID, l.Image, l.Union, l.PID, false)
 		if errors.Is(err, errNotPulled) {
 			// A saved index lost to a crash: fetch the image's indexes
@@ -328,7 +333,7 @@ func (m *Manager) refetchIndexes(ctx context.Context, img *Image) error {
 		return fmt.Errorf("image %s: %d diff IDs for %d layers", img.Ref, len(diffIDs), len(img.Layers))
 	}
 	if img.PlainHTTP {
-		m.setPlain(img.Registry, true)
+		m.client.Hosts().AllowPlainHTTP(img.Registry)
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
 	for i, l := range img.Layers {
@@ -358,18 +363,14 @@ func imagePath(root, ref string) string {
 
 // Pull resolves ref and makes every layer available: a layer mount when
 // the registry offers one, else a download and unpack. It records the image.
-func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image, error) {
+// The registry is reached as the client's Hosts say.
+func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 	r, err := remote.ParseReference(ref)
 	if err != nil {
 		return nil, err
 	}
 	if m.complete != nil {
 		m.complete.Busy()
-	}
-	if plainHTTP {
-		m.mu.Lock()
-		m.plain[r.Registry] = true
-		m.mu.Unlock()
 	}
 	// The requests that depend only on the manifest go out as soon as it
 	// is verified, alongside the config: whether the registry offers layer
@@ -450,7 +451,7 @@ func (m *Manager) Pull(ctx context.Context, ref string, plainHTTP bool) (*Image,
 	rec := &Image{
 		Ref: r.String(), Digest: img.Digest, Registry: r.Registry, Repo: r.Name,
 		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
-		PlainHTTP: plainHTTP,
+		PlainHTTP: m.client.Hosts().Lookup(r.Registry).PlainHTTP,
 	}
 	lazy, reason := offer()
 	layers := img.Manifest.Layers
@@ -740,21 +741,16 @@ func (m *Manager) Images() ([]*Image, error) {
 }
 
 // image returns the recorded image for ref, pulling it if needed.
-func (m *Manager) image(ctx context.Context, ref string, plainHTTP bool) (*Image, error) {
+func (m *Manager) image(ctx context.Context, ref string) (*Image, error) {
 	if r, err := remote.ParseReference(ref); err == nil {
 		if b, err := os.ReadFile(imagePath(m.root, r.String())); err == nil {
 			var img Image
 			if json.Unmarshal(b, &img) == nil {
-				if plainHTTP {
-					m.mu.Lock()
-					m.plain[img.Registry] = true
-					m.mu.Unlock()
-				}
 				return &img, nil
 			}
 		}
 	}
-	return m.Pull(ctx, ref, plainHTTP)
+	return m.Pull(ctx, ref)
 }
 
 // RemoveImage forgets a pulled image; its layers stay while leases use them.
@@ -778,10 +774,23 @@ func (m *Manager) RemoveImage(ctx context.Context, ref string) error {
 	return os.Remove(p)
 }
 
-// Acquire mounts ref's layers (pulling if needed) and records lease id.
-// union, if set, is where a read-only union of the image is mounted.
-func (m *Manager) Acquire(ctx context.Context, id, ref string, plainHTTP bool, union string, pid int) (*Lease, error) {
-	img, err := m.image(ctx, ref, plainHTTP)
+// An AcquireRequest asks for a lease on an image's layers.
+type AcquireRequest struct {
+	// ID names the lease: container:<id> or mount:<dir>.
+	ID string `json:"id"`
+	// Ref is the image, pulled first if the node has no record of it.
+	Ref string `json:"ref"`
+	// Union, if set, is where a read-only union of the image is mounted.
+	Union string `json:"union,omitempty"`
+	// PID, if set, ends the lease when that process exits.
+	PID int `json:"pid,omitempty"`
+}
+
+// Acquire mounts the layers of req.Ref (pulling if needed) and records
+// lease req.ID.
+func (m *Manager) Acquire(ctx context.Context, req AcquireRequest) (*Lease, error) {
+	id, ref, union, pid := req.ID, req.Ref, req.Union, req.PID
+	img, err := m.image(ctx, ref)
 	if err != nil {
 		return nil, err
 	}
@@ -790,7 +799,7 @@ func (m *Manager) Acquire(ctx context.Context, id, ref string, plainHTTP bool, u
 		// A saved index lost to a crash: pull again (it fetches only
 		// what is missing) and mount.
 		m.log.Warn("pulling again", "ref", ref, "err", err)
-		if img, err = m.Pull(ctx, ref, plainHTTP); err != nil {
+		if img, err = m.Pull(ctx, ref); err != nil {
 			return nil, err
 		}
 		lease, err = m.acquire(ctx, id, img, union, pid, true)

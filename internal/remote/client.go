@@ -66,11 +66,10 @@ func (p RetryPolicy) withDefaults() RetryPolicy {
 // Options configure a Client. The zero value is usable: HTTPS, anonymous,
 // default retries and timeouts, no logs.
 type Options struct {
-	// PlainHTTP reports whether a registry (host[:port] as in references) is
-	// reached over plain HTTP instead of HTTPS. Nil means HTTPS everywhere;
-	// IsLoopback suits local test registries; func(string) bool { return
-	// true } is --plain-http.
-	PlainHTTP func(registry string) bool
+	// Hosts says how each registry is reached (plain HTTP or HTTPS). Nil
+	// means HTTPS everywhere; PlainHosts(IsLoopback) suits local test
+	// registries.
+	Hosts *Hosts
 	// Credentials returns the credential for a registry; nil is anonymous.
 	// DockerCredentials reads ~/.docker/config.json.
 	Credentials CredentialFunc
@@ -145,6 +144,10 @@ func New(opts Options) *Client {
 	return c
 }
 
+// Hosts returns the resolver the client reaches registries with (nil:
+// HTTPS everywhere).
+func (c *Client) Hosts() *Hosts { return c.opts.Hosts }
+
 // request is one logical registry call; send turns it into attempts.
 type request struct {
 	method   string
@@ -163,7 +166,7 @@ type request struct {
 
 func (c *Client) url(registry, path string) string {
 	scheme := "https"
-	if c.opts.PlainHTTP != nil && c.opts.PlainHTTP(registry) {
+	if c.opts.Hosts.Lookup(registry).PlainHTTP {
 		scheme = "http"
 	}
 	return scheme + "://" + apiHost(registry) + path

@@ -27,8 +27,8 @@ var fastRetry = remote.RetryPolicy{Attempts: 3, MinBackoff: 2 * time.Millisecond
 // fast retries; opts fields that are set win.
 func newClient(t *testing.T, opts remote.Options) *remote.Client {
 	t.Helper()
-	if opts.PlainHTTP == nil {
-		opts.PlainHTTP = func(string) bool { return true }
+	if opts.Hosts == nil {
+		opts.Hosts = remote.PlainHosts(func(string) bool { return true })
 	}
 	if opts.Retry == (remote.RetryPolicy{}) {
 		opts.Retry = fastRetry

@@ -200,7 +200,7 @@ func apiHost(registry string) string {
 
 // IsLoopback reports whether a registry host[:port] is a loopback address
 // ("localhost", 127.0.0.0/8, ::1). A caller may use it to reach local test
-// registries over plain HTTP: Options{PlainHTTP: remote.IsLoopback}.
+// registries over plain HTTP: Options{Hosts: PlainHosts(IsLoopback)}.
 func IsLoopback(registry string) bool {
 	host := registry
 	if h, _, err := net.SplitHostPort(registry); err == nil {

@@ -56,14 +56,14 @@ func targetOf(labels map[string]string) (target, bool) {
 }
 
 // remoteRecord is a remote snapshot's remote.json: enough to mount its layer
-// again after a restart.
+// again after a restart (the registry is reached as the node's hosts
+// configuration says; a plainHTTP field of older records is ignored).
 type remoteRecord struct {
 	Ref        string             `json:"ref"`
 	Registry   string             `json:"registry"`
 	Repository string             `json:"repository"`
 	Layer      ocispec.Descriptor `json:"layer"`
 	DiffID     digest.Digest      `json:"diffID"`
-	PlainHTTP  bool               `json:"plainHTTP,omitempty"`
 }
 
 // remoteLayer is the mounted layer of a remote snapshot.
@@ -99,11 +99,10 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent string, t t
 			ref.Digest = d
 		}
 	}
-	plain := s.plain(ref.Registry)
-	if ok, reason := s.layers.OffersMounts(ctx, ref.Registry, plain); !ok {
+	if ok, reason := s.layers.OffersMounts(ctx, ref.Registry); !ok {
 		return fmt.Errorf("%s: %s", ref.Registry, reason)
 	}
-	img, err := s.resolve(ctx, ref, plain)
+	img, err := s.resolve(ctx, ref)
 	if err != nil {
 		return err
 	}
@@ -111,13 +110,13 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent string, t t
 	if err != nil {
 		return err
 	}
-	dir, release, err := s.layers.MountLayer(ctx, ref.Repository, desc, diffID, plain)
+	dir, release, err := s.layers.MountLayer(ctx, ref.Repository, desc, diffID)
 	if err != nil {
 		return err
 	}
 	rec := remoteRecord{
 		Ref: ref.String(), Registry: ref.Registry, Repository: ref.Name,
-		Layer: desc, DiffID: diffID, PlainHTTP: plain,
+		Layer: desc, DiffID: diffID,
 	}
 	b, _ := json.MarshalIndent(rec, "", "  ")
 	var id string
@@ -156,7 +155,7 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent string, t t
 
 // resolve resolves ref, reusing a recent resolution: containerd prepares
 // an image's layers one after another.
-func (s *Snapshotter) resolve(ctx context.Context, ref remote.Reference, plain bool) (*remote.Image, error) {
+func (s *Snapshotter) resolve(ctx context.Context, ref remote.Reference) (*remote.Image, error) {
 	k := ref.String()
 	s.mu.Lock()
 	c, ok := s.images[k]
@@ -164,7 +163,7 @@ func (s *Snapshotter) resolve(ctx context.Context, ref remote.Reference, plain b
 	if ok && time.Since(c.at) < imageTTL {
 		return c.img, nil
 	}
-	img, err := s.layers.Resolve(ctx, ref, plain)
+	img, err := s.layers.Resolve(ctx, ref)
 	if err != nil {
 		return nil, err
 	}
@@ -227,7 +226,7 @@ func (s *Snapshotter) restore(ctx context.Context) {
 			err = errors.New("layer mounts are not configured")
 		default:
 			repo := remote.Repository{Registry: r.rec.Registry, Name: r.rec.Repository}
-			r.dir, r.release, err = s.layers.MountLayer(ctx, repo, r.rec.Layer, r.rec.DiffID, r.rec.PlainHTTP)
+			r.dir, r.release, err = s.layers.MountLayer(ctx, repo, r.rec.Layer, r.rec.DiffID)
 		}
 		if err != nil {
 			r.err = err

@@ -37,10 +37,27 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/strata-oci/strata/internal/node"
 	"github.com/strata-oci/strata/internal/overlay"
+	"github.com/strata-oci/strata/internal/remote"
 )
+
+// Layers is what the snapshotter uses of a node (node.Manager): it
+// resolves images and mounts their layers lazily, shared and refcounted.
+// Registries are reached as the node's hosts configuration says.
+type Layers interface {
+	// OffersMounts reports whether registry serves layer mounts, and if
+	// not, why.
+	OffersMounts(ctx context.Context, registry string) (bool, string)
+	// Resolve resolves ref to one platform's manifest and config.
+	Resolve(ctx context.Context, ref remote.Reference) (*remote.Image, error)
+	// MountLayer mounts layer l of an image in repo, bound to diffID, and
+	// returns the directory to use as an overlay lower; release drops the
+	// reference it holds (it may be called more than once).
+	MountLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error)
+}
 
 // Options configure a Snapshotter.
 type Options struct {
@@ -48,10 +65,7 @@ type Options struct {
 	Root string
 	// Layers mounts image layers for remote snapshots; nil disables them
 	// (every snapshot is prepared the ordinary way).
-	Layers *node.Manager
-	// PlainHTTP reports whether a registry is reached over plain HTTP
-	// (Hosts.PlainHTTP); nil is HTTPS everywhere.
-	PlainHTTP func(registry string) bool
+	Layers Layers
 	// Logger receives why layers were or were not mounted remotely; nil
 	// discards.
 	Logger *slog.Logger
@@ -61,8 +75,7 @@ type Options struct {
 type Snapshotter struct {
 	root   string
 	ms     *storage.MetaStore
-	layers *node.Manager
-	plain  func(string) bool
+	layers Layers
 	log    *slog.Logger
 
 	mu      sync.Mutex
@@ -87,14 +100,11 @@ func Open(ctx context.Context, opts Options) (*Snapshotter, error) {
 		return nil, fmt.Errorf("snapshotter metadata: %w", err)
 	}
 	s := &Snapshotter{
-		root: opts.Root, ms: ms, layers: opts.Layers, plain: opts.PlainHTTP, log: opts.Logger,
+		root: opts.Root, ms: ms, layers: opts.Layers, log: opts.Logger,
 		remotes: map[string]*remoteLayer{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
-	}
-	if s.plain == nil {
-		s.plain = func(string) bool { return false }
 	}
 	s.restore(ctx)
 	return s, nil
