@@ -8,6 +8,7 @@ import (
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/layerfs"
+	"github.com/strata-oci/strata/internal/remote"
 )
 
 // LayerUsage is one layer's line of `strata df`.
@@ -86,3 +87,14 @@ func (m *Manager) DF() *DFReport {
 func (m *Manager) completing() bool {
 	return m.complete != nil && m.complete.Stats().Pending > 0
 }
+
+// Busy reports whether the node has work of its own under way that a
+// daemon must not exit under: files being completed in the background.
+func (m *Manager) Busy() bool { return m.completing() }
+
+// Hosts is how the node reaches registries; a request that asks for plain
+// HTTP marks its registry here.
+func (m *Manager) Hosts() *remote.Hosts { return m.client.Hosts() }
+
+// Root is the node's state directory.
+func (m *Manager) Root() string { return m.root }
