@@ -42,6 +42,7 @@ import (
 	"github.com/strata-oci/strata/internal/layerfs"
 	"github.com/strata-oci/strata/internal/overlay"
 	"github.com/strata-oci/strata/internal/remote"
+	"github.com/strata-oci/strata/internal/startup"
 	"github.com/strata-oci/strata/internal/unpack"
 	"github.com/strata-oci/strata/layerindex"
 )
@@ -114,20 +115,11 @@ type Manager struct {
 	leases map[string]*Lease
 	// downloads in progress (fallback pulls), for progress bars
 	downloads map[digest.Digest]*Download
-	// recordings of start-up profiles, by lease ID
-	recordings map[string]*profileRecording
 	// decoded indexes saved by a pull, for the mount that follows
 	decoded map[digest.Digest]*layerindex.Index
-	// data blob parts fetched from start-up profiles before the indexes
-	early map[digest.Digest]*earlyBlob
-	// packs: the start-up packs in use, by the repository and data blob
-	// of the layer whose pages they hold; packing: the packs fetched, by
-	// repository and digest. Guarded by packsMu, not mu: every read of a
-	// lazy layer looks.
-	packsMu sync.RWMutex
-	packs   map[packKey]*packLayer
-	packing map[packKey]bool
-	uploads sync.WaitGroup
+
+	// starts fetches what start-up profiles list and records them.
+	starts *startup.Profiles
 }
 
 // Download is the progress of one fallback layer download.
@@ -241,9 +233,8 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		opts: opts, root: opts.Root, log: log, cache: c,
 		info:   map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
-		downloads: map[digest.Digest]*Download{}, recordings: map[string]*profileRecording{},
-		decoded: map[digest.Digest]*layerindex.Index{}, early: map[digest.Digest]*earlyBlob{},
-		packs: map[packKey]*packLayer{}, packing: map[packKey]bool{},
+		downloads: map[digest.Digest]*Download{},
+		decoded:   map[digest.Digest]*layerindex.Index{},
 	}
 	m.client = opts.Remote
 	if m.client == nil {
@@ -252,6 +243,10 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	if m.client.Hosts() == nil {
 		return nil, errors.New("node: the registry client has no Hosts resolver")
 	}
+	m.starts = startup.New(startup.Options{
+		Client: m.client, Cache: c, Logger: log, FetchTimeout: opts.FetchTimeout, Window: opts.ProfileWindow,
+		Prefetch: m.prefetchMounted, Stored: m.profileStored,
+	})
 	if opts.CompleteMax >= 0 {
 		// A completed file must not push a bounded cache's working set out.
 		maxFile := opts.CompleteMax
@@ -406,21 +401,10 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 			} else {
 				go func() {
 					defer close(profileDone)
-					p, err := m.client.Profile(ctx, r.Repository, md)
-					m.log.Debug("pull: start-up profile", "ref", ref, "after", time.Since(start), "err", err)
-					switch {
-					case err == nil && p.Version == layerindex.Version:
-						profile = p
-						// Its pack (or its frames) are fetched now,
-						// alongside the indexes, not once they are there.
-						if !m.startPack(r.Repository, p, man.Layers, indexesIn) {
-							m.fetchEarly(r.Repository, p, man.Layers, indexesIn)
-						}
-					case errors.Is(err, remote.ErrNotFound):
-						unprofiled = true
-					case err != nil:
-						m.log.Debug("no start-up profile", "ref", ref, "err", err)
-					}
+					// Its pack (or its frames) are fetched now,
+					// alongside the indexes, not once they are there.
+					profile, unprofiled = m.starts.Fetch(ctx, r.Repository, md, man.Layers, indexesIn)
+					m.log.Debug("pull: start-up profile", "ref", ref, "after", time.Since(start), "found", profile != nil)
 				}()
 			}
 			forEach(ctx, len(layers), pullConcurrency, func(i int) {
@@ -829,7 +813,7 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	errs := make([]error, len(img.Layers))
 	prefetch := starting && m.opts.Profiles != ProfilesOff && img.Profile != nil
 	if prefetch {
-		m.startPack(remote.Repository{Registry: img.Registry, Name: img.Repo}, img.Profile, img.Layers, closedChan)
+		m.starts.StartPack(remote.Repository{Registry: img.Registry, Name: img.Repo}, img.Profile, img.Layers, startup.Ready)
 	}
 	forEach(ctx, len(img.Layers), pullConcurrency, func(i int) {
 		var p *api.Profile
@@ -884,12 +868,19 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 		for _, l := range got {
 			// Only a start whose reads go into a profile, or come from one
 			// that is not on the node yet, fetches what readahead widens.
-			if record || prefetch && l.server != nil && !l.server.FS().Cached(profileFrames(img.Profile, l.digest, l.server.FS().Index().Data)) {
+			if record || prefetch && l.server != nil && !l.server.FS().Cached(startup.ProfileFrames(img.Profile, l.digest, l.server.FS().Index().Data)) {
 				m.narrowReadahead(l)
 			}
 		}
 		if record {
-			m.record(id, img, got)
+			var lazy []startup.Layer
+			for _, l := range got {
+				if l.server != nil {
+					lazy = append(lazy, startup.Layer{Digest: l.digest, FS: l.server.FS()})
+				}
+			}
+			target := startup.Target{Ref: img.Ref, Repo: remote.Repository{Registry: img.Registry, Name: img.Repo}, Manifest: img.Digest}
+			m.starts.Record(id, target, lazy)
 		}
 	}
 	return lease, nil
@@ -917,7 +908,7 @@ func (m *Manager) Release(ctx context.Context, id string) error {
 		}
 	}
 	os.Remove(filepath.Join(m.root, "leases", leaseFile(id)))
-	go m.finishRecording(id)
+	go m.starts.Finish(id)
 	for _, d := range lease.Image.Layers {
 		m.mu.Lock()
 		l := m.layers[d.Digest]
@@ -985,8 +976,9 @@ func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor, p *
 		if l.err != nil {
 			return nil, l.err
 		}
-		if p != nil {
-			m.prefetch(l, p)
+		if p != nil && l.server != nil {
+			fs := l.server.FS()
+			fs.Prefetch(m.starts.Frames(p, l.repo, l.digest, fs.Index().Data))
 		}
 		return l, nil
 	}
@@ -1039,10 +1031,9 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 		return err
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
-	src := &blobSource{m: m, client: m.client, repo: repo, digest: ix.Data}
-	srv, err := layerfs.Mount(ctx, mnt, ix, src, m.cache, layerfs.Options{
+	srv, err := layerfs.Mount(ctx, mnt, ix, m.starts.Source(repo, ix.Data), m.cache, layerfs.Options{
 		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
-		Prefetch: m.profileFrames(p, repo, d.Digest, ix.Data), Profiled: p != nil,
+		Prefetch: m.starts.Frames(p, repo, d.Digest, ix.Data), Profiled: p != nil,
 		Completer: m.complete,
 	})
 	if err != nil {
@@ -1156,22 +1147,7 @@ func (m *Manager) unmountLocked(l *layer) {
 
 // Close ends every lease and unmounts everything.
 func (m *Manager) Close(ctx context.Context) {
-	m.mu.Lock()
-	var ids []string
-	for id := range m.recordings {
-		ids = append(ids, id)
-	}
-	m.mu.Unlock()
-	for _, id := range ids {
-		go m.finishRecording(id)
-	}
-	uploaded := make(chan struct{})
-	go func() { m.uploads.Wait(); close(uploaded) }()
-	select {
-	case <-uploaded:
-	case <-time.After(5 * time.Second):
-	case <-ctx.Done():
-	}
+	m.starts.Close(ctx)
 	for _, l := range m.Leases() {
 		// Keep the lease records: a restarted daemon restores them.
 		m.mu.Lock()
@@ -1205,58 +1181,38 @@ func (m *Manager) Close(ctx context.Context) {
 	}
 }
 
-// blobSource reads a data blob's bytes with ranged GETs.
-type blobSource struct {
-	m      *Manager
-	client *remote.Client
-	repo   remote.Repository
-	digest digest.Digest
-}
-
-// Pending reports whether bytes [off, off+n) of the blob are on their way
-// already (an early fetch), so reading them costs no request of its own.
-func (s *blobSource) Pending(off, n int64) bool {
-	if s.m == nil {
-		return false
+// prefetchMounted prefetches frames of layer (with data blob data) if it
+// is mounted from repo (startup.Options.Prefetch: a start-up pack failed).
+func (m *Manager) prefetchMounted(repo remote.Repository, layer, data digest.Digest, frames []int) {
+	m.mu.Lock()
+	l := m.layers[layer]
+	m.mu.Unlock()
+	if l == nil {
+		return // not mounted yet: mounting prefetches the frames
 	}
-	eb := s.m.earlyFor(s.digest)
-	return eb != nil && eb.covers(off, n)
-}
-
-// ReadPages fills dest with bytes [off, off+len(dest)) of the layer's
-// uncompressed stream from the start-up pack in use, if it holds them.
-func (s *blobSource) ReadPages(ctx context.Context, dest []byte, off int64) bool {
-	pl := s.m.packFor(s.repo, s.digest)
-	return pl != nil && pl.read(ctx, dest, off)
-}
-
-// CoversPages reports whether the start-up pack in use holds bytes [off,
-// off+n) of the layer's uncompressed stream.
-func (s *blobSource) CoversPages(off, n int64) bool {
-	pl := s.m.packFor(s.repo, s.digest)
-	return pl != nil && pl.covers(off, n)
-}
-
-// Await returns when the early pieces holding bytes [off, off+n) have
-// arrived or failed, or ctx is done.
-func (s *blobSource) Await(ctx context.Context, off, n int64) {
-	if s.m == nil {
+	select {
+	case <-l.ready:
+	default:
 		return
 	}
-	if eb := s.m.earlyFor(s.digest); eb != nil {
-		eb.await(ctx, off, n)
+	if l.server != nil && l.repo == repo && l.server.FS().Index().Data == data {
+		l.server.FS().Prefetch(frames)
 	}
 }
 
-func (s *blobSource) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
-	if s.m != nil {
-		if eb := s.m.earlyFor(s.digest); eb != nil {
-			if b, ok := eb.read(ctx, off, n); ok {
-				return b, nil
-			}
-		}
+// profileStored records profile p, just stored in the registry, with the
+// image of t: the next container of the image on this node uses it too
+// (startup.Options.Stored).
+func (m *Manager) profileStored(t startup.Target, p *api.Profile) {
+	path := imagePath(m.root, t.Ref)
+	b, err := os.ReadFile(path)
+	var img Image
+	if err != nil || json.Unmarshal(b, &img) != nil || img.Digest != t.Manifest {
+		return
 	}
-	return s.client.ReadRange(ctx, s.repo, s.digest, off, n)
+	img.Profile, img.Unprofiled = p, false
+	b, _ = json.MarshalIndent(&img, "", "  ")
+	atomicfile.Write(path, b)
 }
 
 func dirDigest(name string) (digest.Digest, bool) {

@@ -1,4 +1,4 @@
-package node
+package startup
 
 import (
 	"cmp"
@@ -11,12 +11,13 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/frames"
 	"github.com/strata-oci/strata/internal/remote"
 )
 
 // An earlyBlob holds the frames of a data blob that a start-up profile
 // lists, fetched before the layer's index arrived. The layer's reads take
-// them from here (blobSource) instead of asking the registry again; the
+// them from here (source) instead of asking the registry again; the
 // layer file system verifies them against the index like any bytes.
 type earlyBlob struct {
 	pieces []*earlyPiece // by offset, not overlapping
@@ -25,10 +26,10 @@ type earlyBlob struct {
 // An earlyPiece is one range of the blob (a frame); done is closed when b
 // or err is set.
 type earlyPiece struct {
-	off, n int64
-	done   chan struct{}
-	b      []byte
-	err    error
+	frames.Span
+	done chan struct{}
+	b    []byte
+	err  error
 }
 
 func (p *earlyPiece) finish(b []byte, err error) {
@@ -73,11 +74,11 @@ type earlyChunk struct {
 // them (the profile's ranks; without them, layer by layer), and keeps them
 // for earlyKeep. Beyond a head, the requests wait for indexes to be
 // closed (the image's indexes are in).
-func (m *Manager) fetchEarly(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) {
+func (s *Profiles) fetchEarly(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) {
 	var items []earlyItem
-	m.mu.Lock()
+	s.mu.Lock()
 	for _, pl := range p.Layers {
-		if len(pl.Ranges) == 0 || len(pl.Ranges) != len(pl.Frames) || m.early[pl.Data] != nil ||
+		if len(pl.Ranges) == 0 || len(pl.Ranges) != len(pl.Frames) || s.early[pl.Data] != nil ||
 			!slices.ContainsFunc(layers, func(d ocispec.Descriptor) bool { return d.Digest == pl.Layer }) {
 			continue
 		}
@@ -91,17 +92,17 @@ func (m *Manager) fetchEarly(repo remote.Repository, p *api.Profile, layers []oc
 			if ranked {
 				rank = pl.Ranks[i]
 			}
-			piece := &earlyPiece{off: r[0], n: r[1], done: make(chan struct{})}
+			piece := &earlyPiece{Span: frames.Span{Off: r[0], Len: r[1]}, done: make(chan struct{})}
 			eb.pieces = append(eb.pieces, piece)
 			items = append(items, earlyItem{pl.Data, piece, rank})
 		}
-		slices.SortFunc(eb.pieces, func(a, b *earlyPiece) int { return cmp.Compare(a.off, b.off) })
+		slices.SortFunc(eb.pieces, func(a, b *earlyPiece) int { return cmp.Compare(a.Off, b.Off) })
 		// Ranges that overlap (or repeat) are not from a real index:
 		// only the first is kept.
 		kept := eb.pieces[:0]
 		drop := map[*earlyPiece]bool{}
 		for _, piece := range eb.pieces {
-			if n := len(kept); n > 0 && kept[n-1].off+kept[n-1].n > piece.off {
+			if n := len(kept); n > 0 && kept[n-1].End() > piece.Off {
 				drop[piece] = true
 				continue
 			}
@@ -109,25 +110,25 @@ func (m *Manager) fetchEarly(repo remote.Repository, p *api.Profile, layers []oc
 		}
 		eb.pieces = kept
 		items = slices.DeleteFunc(items, func(it earlyItem) bool { return drop[it.p] })
-		m.early[pl.Data] = eb
+		s.early[pl.Data] = eb
 		time.AfterFunc(earlyKeep, func() {
-			m.mu.Lock()
-			if m.early[pl.Data] == eb {
-				delete(m.early, pl.Data)
+			s.mu.Lock()
+			if s.early[pl.Data] == eb {
+				delete(s.early, pl.Data)
 			}
-			m.mu.Unlock()
+			s.mu.Unlock()
 		})
 	}
-	m.mu.Unlock()
+	s.mu.Unlock()
 	if len(items) == 0 {
 		return
 	}
-	m.fetchChunks(repo, cutChunks(items), indexes)
+	s.fetchChunks(repo, cutChunks(items), indexes)
 }
 
 // fetchChunks fetches chunks in order, in the background: a head of them
 // at once, the others once indexes is closed, earlyStreams at a time.
-func (m *Manager) fetchChunks(repo remote.Repository, chunks []*earlyChunk, indexes <-chan struct{}) {
+func (s *Profiles) fetchChunks(repo remote.Repository, chunks []*earlyChunk, indexes <-chan struct{}) {
 	go func() {
 		var head []*earlyChunk
 		var n int64
@@ -137,7 +138,7 @@ func (m *Manager) fetchChunks(repo remote.Repository, chunks []*earlyChunk, inde
 			chunks = chunks[1:]
 		}
 		for _, c := range head {
-			go m.fetchChunk(repo, c)
+			go s.fetchChunk(repo, c)
 		}
 		select {
 		case <-indexes:
@@ -151,7 +152,7 @@ func (m *Manager) fetchChunks(repo remote.Repository, chunks []*earlyChunk, inde
 		for range min(earlyStreams, len(chunks)) {
 			go func() {
 				for c := range queue {
-					m.fetchChunk(repo, c)
+					s.fetchChunk(repo, c)
 				}
 			}()
 		}
@@ -178,7 +179,7 @@ func cutChunks(items []earlyItem) []*earlyChunk {
 	var at int64
 	for i, it := range items {
 		c := open[it.blob]
-		if c != nil && (c.bytes+it.p.n > earlyChunkMax || at-starts[c] > earlyStale) {
+		if c != nil && (c.bytes+it.p.Len > earlyChunkMax || at-starts[c] > earlyStale) {
 			chunks = append(chunks, c)
 			c = nil
 		}
@@ -188,8 +189,8 @@ func cutChunks(items []earlyItem) []*earlyChunk {
 			starts[c] = at
 		}
 		c.pieces = append(c.pieces, it.p)
-		c.bytes += it.p.n
-		at += it.p.n
+		c.bytes += it.p.Len
+		at += it.p.Len
 	}
 	for _, c := range open {
 		chunks = append(chunks, c)
@@ -201,19 +202,19 @@ func cutChunks(items []earlyItem) []*earlyChunk {
 // fetchChunk fetches the pieces of c with one request, each piece ready as
 // soon as its bytes are in; or piece by piece from a registry that does
 // not serve several ranges in one response.
-func (m *Manager) fetchChunk(repo remote.Repository, c *earlyChunk) {
-	ctx, cancel := context.WithTimeout(context.Background(), attemptTimeout(m.opts.FetchTimeout)+10*time.Second)
+func (s *Profiles) fetchChunk(repo remote.Repository, c *earlyChunk) {
+	ctx, cancel := context.WithTimeout(context.Background(), attemptTimeout(s.opts.FetchTimeout)+10*time.Second)
 	defer cancel()
 	ranges := make([][2]int64, len(c.pieces))
 	for i, p := range c.pieces {
-		ranges[i] = [2]int64{p.off, p.n}
+		ranges[i] = [2]int64{p.Off, p.Len}
 	}
 	start := time.Now()
-	err := m.client.ReadRanges(ctx, repo, c.blob, ranges, func(i int, b []byte) { c.pieces[i].finish(b, nil) })
-	m.log.Debug("early fetch", "blob", c.blob, "frames", len(c.pieces), "bytes", c.bytes, "took", time.Since(start), "err", err)
+	err := s.client.ReadRanges(ctx, repo, c.blob, ranges, func(i int, b []byte) { c.pieces[i].finish(b, nil) })
+	s.log.Debug("early fetch", "blob", c.blob, "frames", len(c.pieces), "bytes", c.bytes, "took", time.Since(start), "err", err)
 	if errors.Is(err, remote.ErrUnsupported) {
 		for _, p := range c.pieces {
-			p.finish(m.client.ReadRange(ctx, repo, c.blob, p.off, p.n))
+			p.finish(s.client.ReadRange(ctx, repo, c.blob, p.Off, p.Len))
 		}
 		return
 	}
@@ -225,10 +226,10 @@ func (m *Manager) fetchChunk(repo remote.Repository, c *earlyChunk) {
 	}
 }
 
-// covers reports whether pieces that have not failed cover bytes [off,
-// off+n) of the blob (they may still be on their way).
-func (eb *earlyBlob) covers(off, n int64) bool {
-	parts, ok := eb.parts(off, n)
+// covers reports whether pieces that have not failed cover bytes want of
+// the blob (they may still be on their way).
+func (eb *earlyBlob) covers(want frames.Span) bool {
+	parts, ok := eb.parts(want)
 	if !ok {
 		return false
 	}
@@ -244,45 +245,15 @@ func (eb *earlyBlob) covers(off, n int64) bool {
 	return true
 }
 
-// parts returns the pieces that cover bytes [off, off+n), in order, or
-// false when they do not cover all of them.
-func (eb *earlyBlob) parts(off, n int64) ([]*earlyPiece, bool) {
-	return covering(eb.pieces, func(p *earlyPiece) (int64, int64) { return p.off, p.n }, off, n)
+// parts returns the pieces that cover bytes want, in order, or false when
+// they do not cover all of them.
+func (eb *earlyBlob) parts(want frames.Span) ([]*earlyPiece, bool) {
+	return frames.Cover(eb.pieces, func(p *earlyPiece) frames.Span { return p.Span }, want)
 }
 
-// covering returns the items, sorted by their ranges [offset, offset +
-// length) (span) and not overlapping, that cover bytes [off, off+n)
-// without a gap, in order, or false when they do not.
-func covering[T any](items []T, span func(T) (int64, int64), off, n int64) ([]T, bool) {
-	i, _ := slices.BinarySearchFunc(items, off, func(it T, off int64) int {
-		o, l := span(it)
-		switch {
-		case o+l <= off:
-			return -1
-		case o > off:
-			return 1
-		}
-		return 0
-	})
-	var parts []T
-	for at, end := off, off+n; at < end; i++ {
-		if i >= len(items) {
-			return nil, false
-		}
-		o, l := span(items[i])
-		if o > at || o+l <= at {
-			return nil, false
-		}
-		parts = append(parts, items[i])
-		at = o + l
-	}
-	return parts, true
-}
-
-// await returns when the pieces holding bytes [off, off+n) are done, or
-// ctx is.
-func (eb *earlyBlob) await(ctx context.Context, off, n int64) {
-	parts, _ := eb.parts(off, n)
+// await returns when the pieces holding bytes want are done, or ctx is.
+func (eb *earlyBlob) await(ctx context.Context, want frames.Span) {
+	parts, _ := eb.parts(want)
 	for _, p := range parts {
 		select {
 		case <-p.done:
@@ -292,35 +263,35 @@ func (eb *earlyBlob) await(ctx context.Context, off, n int64) {
 	}
 }
 
-// read returns bytes [off, off+n) of the blob if early pieces cover all of
-// them, waiting for those pieces; ok is false when they do not, or one
-// failed (the caller asks the registry).
-func (eb *earlyBlob) read(ctx context.Context, off, n int64) (b []byte, ok bool) {
-	parts, ok := eb.parts(off, n)
+// read returns bytes want of the blob if early pieces cover all of them,
+// waiting for those pieces; ok is false when they do not, or one failed
+// (the caller asks the registry).
+func (eb *earlyBlob) read(ctx context.Context, want frames.Span) (b []byte, ok bool) {
+	parts, ok := eb.parts(want)
 	if !ok {
 		return nil, false
 	}
-	end := off + n
-	out := make([]byte, 0, n)
+	off, end := want.Off, want.End()
+	out := make([]byte, 0, want.Len)
 	for _, p := range parts {
 		select {
 		case <-p.done:
 		case <-ctx.Done():
 			return nil, false
 		}
-		if p.err != nil || int64(len(p.b)) != p.n {
+		if p.err != nil || int64(len(p.b)) != p.Len {
 			return nil, false
 		}
-		lo := max(off, p.off) - p.off
-		hi := min(end, p.off+p.n) - p.off
+		lo := max(off, p.Off) - p.Off
+		hi := min(end, p.End()) - p.Off
 		out = append(out, p.b[lo:hi]...)
 	}
 	return out, true
 }
 
 // earlyFor returns the early pieces of data blob d, if any.
-func (m *Manager) earlyFor(d digest.Digest) *earlyBlob {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.early[d]
+func (s *Profiles) earlyFor(d digest.Digest) *earlyBlob {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.early[d]
 }

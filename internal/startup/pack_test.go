@@ -1,4 +1,4 @@
-package node
+package startup
 
 import (
 	"bytes"
@@ -13,6 +13,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/frames"
 )
 
 // testPack packs spans of streams (by layer index) as a registry would and
@@ -62,7 +63,7 @@ func TestPackLayer(t *testing.T) {
 	pieces := make([]*packChunk, len(chunks))
 	var at int64
 	for i, c := range p.Pack.Chunks {
-		pieces[i] = &packChunk{piece: &earlyPiece{n: c.Size, done: make(chan struct{})}, at: at, usize: c.USize, digest: c.Digest}
+		pieces[i] = &packChunk{piece: &earlyPiece{Span: frames.Span{Len: c.Size}, done: make(chan struct{})}, at: at, usize: c.USize, digest: c.Digest}
 		at += c.USize
 	}
 	layers := []ocispec.Descriptor{{Digest: p.Layers[0].Layer}, {Digest: p.Layers[1].Layer}}
@@ -74,7 +75,7 @@ func TestPackLayer(t *testing.T) {
 
 	// Covered ranges are covered while their chunks are on their way,
 	// and a read waits for them.
-	if !l0.covers(1000, 150000) || !l0.covers(200000, 50000) || l0.covers(900, 200) || l0.covers(150000, 60000) || !l1.covers(300000, 4096) {
+	if !l0.covers(frames.Span{Off: 1000, Len: 150000}) || !l0.covers(frames.Span{Off: 200000, Len: 50000}) || l0.covers(frames.Span{Off: 900, Len: 200}) || l0.covers(frames.Span{Off: 150000, Len: 60000}) || !l1.covers(frames.Span{Off: 300000, Len: 4096}) {
 		t.Error("covers answers wrongly")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
@@ -121,7 +122,7 @@ func TestPackLayer(t *testing.T) {
 	failed := &packChunk{piece: &earlyPiece{done: make(chan struct{})}, usize: pieces[0].usize}
 	failed.piece.finish(nil, context.DeadlineExceeded)
 	l = &packLayer{spans: l0.spans, chunks: append([]*packChunk{failed}, pieces[1:]...)}
-	if l.covers(1000, 10) {
+	if l.covers(frames.Span{Off: 1000, Len: 10}) {
 		t.Error("a failed chunk still covers its bytes")
 	}
 }

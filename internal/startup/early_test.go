@@ -1,4 +1,4 @@
-package node
+package startup
 
 import (
 	"bytes"
@@ -11,12 +11,13 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/frames"
 )
 
 func TestEarlyBlobRead(t *testing.T) {
 	data := bytes.Repeat([]byte("0123456789"), 100)
 	piece := func(off, n int64) *earlyPiece {
-		p := &earlyPiece{off: off, n: n, done: make(chan struct{}), b: data[off : off+n]}
+		p := &earlyPiece{Span: frames.Span{Off: off, Len: n}, done: make(chan struct{}), b: data[off : off+n]}
 		close(p.done)
 		return p
 	}
@@ -31,22 +32,22 @@ func TestEarlyBlobRead(t *testing.T) {
 		{350, 50, true},
 		{350, 60, false}, // past the last
 	} {
-		b, ok := eb.read(context.Background(), tc.off, tc.n)
+		b, ok := eb.read(context.Background(), frames.Span{Off: tc.off, Len: tc.n})
 		if ok != tc.ok || (ok && !bytes.Equal(b, data[tc.off:tc.off+tc.n])) {
 			t.Errorf("read(%d, %d) = %q, %v; want ok %v", tc.off, tc.n, b, ok, tc.ok)
 		}
 	}
 	// A failed piece is not used.
-	bad := &earlyPiece{off: 0, n: 10, done: make(chan struct{}), err: context.Canceled}
+	bad := &earlyPiece{Span: frames.Span{Off: 0, Len: 10}, done: make(chan struct{}), err: context.Canceled}
 	close(bad.done)
-	if _, ok := (&earlyBlob{pieces: []*earlyPiece{bad}}).read(context.Background(), 0, 10); ok {
+	if _, ok := (&earlyBlob{pieces: []*earlyPiece{bad}}).read(context.Background(), frames.Span{Len: 10}); ok {
 		t.Error("a failed piece was used")
 	}
 	// A reader that gives up does not wait for a piece.
-	slow := &earlyPiece{off: 0, n: 10, done: make(chan struct{})}
+	slow := &earlyPiece{Span: frames.Span{Off: 0, Len: 10}, done: make(chan struct{})}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, ok := (&earlyBlob{pieces: []*earlyPiece{slow}}).read(ctx, 0, 10); ok {
+	if _, ok := (&earlyBlob{pieces: []*earlyPiece{slow}}).read(ctx, frames.Span{Len: 10}); ok {
 		t.Error("a cancelled reader got bytes of an unfinished piece")
 	}
 }
@@ -54,7 +55,7 @@ func TestEarlyBlobRead(t *testing.T) {
 func TestCutChunks(t *testing.T) {
 	a, b := digest.FromString("a"), digest.FromString("b")
 	item := func(blob digest.Digest, off, n int64, rank int) earlyItem {
-		return earlyItem{blob: blob, p: &earlyPiece{off: off, n: n}, rank: rank}
+		return earlyItem{blob: blob, p: &earlyPiece{Span: frames.Span{Off: off, Len: n}}, rank: rank}
 	}
 	const k = 64 << 10
 	items := []earlyItem{
@@ -67,7 +68,7 @@ func TestCutChunks(t *testing.T) {
 	for _, c := range cutChunks(items) {
 		s := fmt.Sprintf("%s@%d:", c.blob.Encoded()[:4], c.first)
 		for _, p := range c.pieces {
-			s += fmt.Sprintf(" %d", p.off/k)
+			s += fmt.Sprintf(" %d", p.Off/k)
 		}
 		got = append(got, s)
 	}
@@ -88,17 +89,17 @@ func TestCutChunksStale(t *testing.T) {
 	// A blob read once early and once much later: the late frame does not
 	// ride in the early chunk.
 	a, b := digest.FromString("a"), digest.FromString("b")
-	items := []earlyItem{{blob: a, p: &earlyPiece{off: 0, n: 100}, rank: 0}}
+	items := []earlyItem{{blob: a, p: &earlyPiece{Span: frames.Span{Off: 0, Len: 100}}, rank: 0}}
 	for i := range 20 {
-		items = append(items, earlyItem{blob: b, p: &earlyPiece{off: int64(i) << 17, n: 100 << 10}, rank: 1 + i})
+		items = append(items, earlyItem{blob: b, p: &earlyPiece{Span: frames.Span{Off: int64(i) << 17, Len: 100 << 10}}, rank: 1 + i})
 	}
-	items = append(items, earlyItem{blob: a, p: &earlyPiece{off: 1000, n: 100}, rank: 21})
+	items = append(items, earlyItem{blob: a, p: &earlyPiece{Span: frames.Span{Off: 1000, Len: 100}}, rank: 21})
 	chunks := cutChunks(items)
 	if c := chunks[0]; c.blob != a || len(c.pieces) != 1 {
 		t.Errorf("first chunk: %s with %d frames, want the first frame of a alone", c.blob, len(c.pieces))
 	}
-	if c := chunks[len(chunks)-1]; c.blob != a || c.pieces[0].off != 1000 {
-		t.Errorf("last chunk: %s at %d, want a's late frame", c.blob, c.pieces[0].off)
+	if c := chunks[len(chunks)-1]; c.blob != a || c.pieces[0].Off != 1000 {
+		t.Errorf("last chunk: %s at %d, want a's late frame", c.blob, c.pieces[0].Off)
 	}
 }
 

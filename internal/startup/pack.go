@@ -1,4 +1,4 @@
-package node
+package startup
 
 import (
 	"cmp"
@@ -16,20 +16,26 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/frames"
 	"github.com/strata-oci/strata/internal/remote"
 )
 
 // A packLayer is what a start-up pack (api.Pack) holds of one layer's
 // uncompressed stream: spans, each at a place in the pack's uncompressed
 // content, whose chunks are fetched in the order the start reads them.
-// The layer's reads take their bytes from here (blobSource.ReadPages)
+// The layer's reads take their bytes from here (source.ReadPages)
 // instead of fetching the frames that hold them.
 type packLayer struct {
 	spans  []packSpan // by offset, not overlapping
 	chunks []*packChunk
 }
 
-type packSpan struct{ off, n, at int64 }
+// A packSpan is a span of the layer's stream and where its bytes are in
+// the pack's uncompressed content.
+type packSpan struct {
+	frames.Span
+	at int64
+}
 
 // A packChunk is one chunk of a pack: its compressed bytes arrive in
 // piece; they are verified against digest and decompressed when first
@@ -88,10 +94,10 @@ func (c *packChunk) failed() bool {
 	}
 }
 
-// parts returns the spans that cover bytes [off, off+n), in order, or
-// false when they do not cover all of them.
-func (pl *packLayer) parts(off, n int64) ([]packSpan, bool) {
-	return covering(pl.spans, func(s packSpan) (int64, int64) { return s.off, s.n }, off, n)
+// parts returns the spans that cover bytes want, in order, or false when
+// they do not cover all of them.
+func (pl *packLayer) parts(want frames.Span) ([]packSpan, bool) {
+	return frames.Cover(pl.spans, func(s packSpan) frames.Span { return s.Span }, want)
 }
 
 // chunksFor calls fn for each chunk holding bytes [at, at+n) of the pack's
@@ -119,19 +125,20 @@ func (pl *packLayer) chunksFor(at, n int64, fn func(c *packChunk, lo, hi, dst in
 	return nil
 }
 
-// walk calls fn for each part of a chunk that holds bytes [off, off+n) of
-// the stream, in order, with the part of the chunk's content [clo, chi)
-// and where it goes, relative to off; it returns false when the pack does
-// not hold all of them or fn fails.
-func (pl *packLayer) walk(off, n int64, fn func(c *packChunk, clo, chi, to int64) error) bool {
-	parts, ok := pl.parts(off, n)
+// walk calls fn for each part of a chunk that holds bytes want of the
+// stream, in order, with the part of the chunk's content [clo, chi) and
+// where it goes, relative to want.Off; it returns false when the pack
+// does not hold all of them or fn fails.
+func (pl *packLayer) walk(want frames.Span, fn func(c *packChunk, clo, chi, to int64) error) bool {
+	parts, ok := pl.parts(want)
 	if !ok {
 		return false
 	}
+	off := want.Off
 	for _, s := range parts {
-		lo := max(off, s.off)
-		hi := min(off+n, s.off+s.n)
-		base := s.at + lo - s.off // pack position of stream offset lo
+		lo := max(off, s.Off)
+		hi := min(want.End(), s.End())
+		base := s.at + lo - s.Off // pack position of stream offset lo
 		err := pl.chunksFor(base, hi-lo, func(c *packChunk, clo, chi, at int64) error {
 			return fn(c, clo, chi, lo-off+at-base)
 		})
@@ -142,10 +149,10 @@ func (pl *packLayer) walk(off, n int64, fn func(c *packChunk, clo, chi, to int64
 	return true
 }
 
-// covers reports whether the pack holds bytes [off, off+n) of the stream,
-// in chunks that have not failed (they may be on their way).
-func (pl *packLayer) covers(off, n int64) bool {
-	return pl.walk(off, n, func(c *packChunk, _, _, _ int64) error {
+// covers reports whether the pack holds bytes want of the stream, in
+// chunks that have not failed (they may be on their way).
+func (pl *packLayer) covers(want frames.Span) bool {
+	return pl.walk(want, func(c *packChunk, _, _, _ int64) error {
 		if c.failed() {
 			return errors.New("failed")
 		}
@@ -156,7 +163,7 @@ func (pl *packLayer) covers(off, n int64) bool {
 // read fills dest with bytes [off, off+len(dest)) of the stream if the
 // pack holds them, waiting for their chunks until ctx is done.
 func (pl *packLayer) read(ctx context.Context, dest []byte, off int64) bool {
-	return pl.walk(off, int64(len(dest)), func(c *packChunk, clo, chi, to int64) error {
+	return pl.walk(frames.Span{Off: off, Len: int64(len(dest))}, func(c *packChunk, clo, chi, to int64) error {
 		data, err := c.get(ctx)
 		if err != nil {
 			return err
@@ -199,7 +206,7 @@ func checkPack(p *api.Profile, k *api.Pack) error {
 	return nil
 }
 
-// startPack starts fetching the start-up pack of profile p, if it has a
+// StartPack starts fetching the start-up pack of profile p, if it has a
 // valid one that is not being fetched already, for the layers of the image
 // (layers), from repo, and keeps it for earlyKeep; beyond a head, the
 // requests wait for indexes to be closed. Chunks in the node's cache are
@@ -207,28 +214,28 @@ func checkPack(p *api.Profile, k *api.Pack) error {
 // layers, to be used instead of the profile's frames.
 //
 // A pack is used only for the layers mounted from the repository it came
-// from (blobSource.ReadPages): a registry vouches for the packs it makes
+// from (source.ReadPages): a registry vouches for the packs it makes
 // as for the indexes it serves, and for no other registry's layers.
-func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) bool {
+func (s *Profiles) StartPack(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) bool {
 	k := p.Pack
 	if k == nil {
 		return false
 	}
 	if err := checkPack(p, k); err != nil {
-		m.log.Info("start-up pack not used", "pack", k.Digest, "err", err)
+		s.log.Info("start-up pack not used", "pack", k.Digest, "err", err)
 		return false
 	}
 	key := packKey{repo, k.Digest}
-	m.packsMu.RLock()
-	busy := m.packing[key]
-	m.packsMu.RUnlock()
+	s.packsMu.RLock()
+	busy := s.packing[key]
+	s.packsMu.RUnlock()
 	if busy {
 		return true
 	}
 	chunks := make([]*packChunk, len(k.Chunks))
 	var off, at int64
 	for i, c := range k.Chunks {
-		chunks[i] = &packChunk{piece: &earlyPiece{off: off, n: c.Size, done: make(chan struct{})}, at: at, usize: c.USize, digest: c.Digest}
+		chunks[i] = &packChunk{piece: &earlyPiece{Span: frames.Span{Off: off, Len: c.Size}, done: make(chan struct{})}, at: at, usize: c.USize, digest: c.Digest}
 		off += c.Size
 		at += c.USize
 	}
@@ -236,42 +243,42 @@ func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []oci
 	if len(byData) == 0 {
 		return false
 	}
-	m.packsMu.Lock()
-	if m.packing[key] {
-		m.packsMu.Unlock()
+	s.packsMu.Lock()
+	if s.packing[key] {
+		s.packsMu.Unlock()
 		return true
 	}
-	m.packing[key] = true
+	s.packing[key] = true
 	for d, pl := range byData {
-		m.packs[packKey{repo, d}] = pl
+		s.packs[packKey{repo, d}] = pl
 	}
-	m.packsMu.Unlock()
+	s.packsMu.Unlock()
 	time.AfterFunc(earlyKeep, func() {
-		m.packsMu.Lock()
-		defer m.packsMu.Unlock()
-		delete(m.packing, key)
+		s.packsMu.Lock()
+		defer s.packsMu.Unlock()
+		delete(s.packing, key)
 		for d, pl := range byData {
-			if m.packs[packKey{repo, d}] == pl {
-				delete(m.packs, packKey{repo, d})
+			if s.packs[packKey{repo, d}] == pl {
+				delete(s.packs, packKey{repo, d})
 			}
 		}
 	})
 
 	var items []earlyItem
 	for i, c := range chunks {
-		if m.cache != nil {
-			if b, err := m.cache.Frame(context.Background(), c.digest); err == nil {
+		if s.cache != nil {
+			if b, err := s.cache.Frame(context.Background(), c.digest); err == nil {
 				c.piece.finish(b, nil)
 				continue
 			}
 		}
 		items = append(items, earlyItem{k.Digest, c.piece, i})
 	}
-	m.log.Debug("start-up pack", "pack", k.Digest, "bytes", k.Size, "chunks", len(k.Chunks), "to fetch", len(items))
+	s.log.Debug("start-up pack", "pack", k.Digest, "bytes", k.Size, "chunks", len(k.Chunks), "to fetch", len(items))
 	if len(items) == 0 {
 		return true
 	}
-	m.fetchChunks(repo, cutChunks(items), indexes)
+	s.fetchChunks(repo, cutChunks(items), indexes)
 	// Chunks that arrive and match their digests go into the cache: a later
 	// start on the node needs none of them again. When one does not, the
 	// pack is dropped and the layers prefetch the profile's frames.
@@ -287,12 +294,12 @@ func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []oci
 				}
 			}
 			if err != nil {
-				m.log.Warn("start-up pack failed; fetching the profile's frames", "pack", k.Digest, "chunk", it.rank, "err", err)
-				m.dropPack(repo, p, byData)
+				s.log.Warn("start-up pack failed; fetching the profile's frames", "pack", k.Digest, "chunk", it.rank, "err", err)
+				s.dropPack(repo, p, byData)
 				return
 			}
-			if m.cache != nil {
-				m.cache.PutFrame(context.Background(), c.digest, c.piece.b)
+			if s.cache != nil {
+				s.cache.PutFrame(context.Background(), c.digest, c.piece.b)
 			}
 		}
 	}()
@@ -301,32 +308,22 @@ func (m *Manager) startPack(repo remote.Repository, p *api.Profile, layers []oci
 
 // dropPack stops using the pack of profile p that holds byData of the
 // layers of repo, and prefetches the profile's frames of those layers that
-// are mounted from repo.
-func (m *Manager) dropPack(repo remote.Repository, p *api.Profile, byData map[digest.Digest]*packLayer) {
-	m.packsMu.Lock()
+// are mounted from repo (Options.Prefetch; a layer mounted later prefetches
+// them as it mounts, Frames).
+func (s *Profiles) dropPack(repo remote.Repository, p *api.Profile, byData map[digest.Digest]*packLayer) {
+	s.packsMu.Lock()
 	for d, pl := range byData {
-		if m.packs[packKey{repo, d}] == pl {
-			delete(m.packs, packKey{repo, d})
+		if s.packs[packKey{repo, d}] == pl {
+			delete(s.packs, packKey{repo, d})
 		}
 	}
-	m.packsMu.Unlock()
+	s.packsMu.Unlock()
+	if s.opts.Prefetch == nil {
+		return
+	}
 	for _, pl := range p.Layers {
-		if byData[pl.Data] == nil {
-			continue
-		}
-		m.mu.Lock()
-		l := m.layers[pl.Layer]
-		m.mu.Unlock()
-		if l == nil {
-			continue // not mounted yet: mounting prefetches the frames
-		}
-		select {
-		case <-l.ready:
-		default:
-			continue
-		}
-		if l.server != nil && l.repo == repo && l.server.FS().Index().Data == pl.Data {
-			l.server.FS().Prefetch(pl.Frames)
+		if byData[pl.Data] != nil {
+			s.opts.Prefetch(repo, pl.Layer, pl.Data, pl.Frames)
 		}
 	}
 }
@@ -348,17 +345,17 @@ func packLayers(p *api.Profile, chunks []*packChunk, layers []ocispec.Descriptor
 			if byData[pl.Data] == nil {
 				byData[pl.Data] = &packLayer{chunks: chunks}
 			}
-			byData[pl.Data].spans = append(byData[pl.Data].spans, packSpan{off: s[1], n: s[2], at: at})
+			byData[pl.Data].spans = append(byData[pl.Data].spans, packSpan{Span: frames.Span{Off: s[1], Len: s[2]}, at: at})
 		}
 		at += s[2]
 	}
 	for _, pl := range byData {
-		slices.SortFunc(pl.spans, func(a, b packSpan) int { return cmp.Compare(a.off, b.off) })
+		slices.SortFunc(pl.spans, func(a, b packSpan) int { return cmp.Compare(a.Off, b.Off) })
 		// Spans that overlap are not from a real pack: only the first
 		// is kept.
 		kept := pl.spans[:0]
 		for _, s := range pl.spans {
-			if n := len(kept); n > 0 && kept[n-1].off+kept[n-1].n > s.off {
+			if n := len(kept); n > 0 && kept[n-1].End() > s.Off {
 				continue
 			}
 			kept = append(kept, s)
@@ -370,15 +367,8 @@ func packLayers(p *api.Profile, chunks []*packChunk, layers []ocispec.Descriptor
 
 // packFor returns what the start-up pack in use holds of data blob d of
 // repo, if any.
-func (m *Manager) packFor(repo remote.Repository, d digest.Digest) *packLayer {
-	m.packsMu.RLock()
-	defer m.packsMu.RUnlock()
-	return m.packs[packKey{repo, d}]
+func (s *Profiles) packFor(repo remote.Repository, d digest.Digest) *packLayer {
+	s.packsMu.RLock()
+	defer s.packsMu.RUnlock()
+	return s.packs[packKey{repo, d}]
 }
-
-// closedChan is a closed channel: no wait.
-var closedChan = func() chan struct{} {
-	c := make(chan struct{})
-	close(c)
-	return c
-}()

@@ -1,4 +1,4 @@
-package node
+package startup
 
 import (
 	"cmp"
@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"os"
 	"slices"
 	"strings"
 	"time"
@@ -15,51 +14,31 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/api"
-	"github.com/strata-oci/strata/internal/atomicfile"
+	"github.com/strata-oci/strata/internal/layerfs"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/layerindex"
 )
 
-// A profileRecording records what the first container of an image reads
-// while it starts, to store as the image's start-up profile.
-type profileRecording struct {
-	img    *Image
-	layers []*layer
+// A Target is the image a recording is for: its reference, and its
+// manifest in its repository, where the profile is stored.
+type Target struct {
+	Ref      string
+	Repo     remote.Repository
+	Manifest digest.Digest
+}
+
+// A Layer is a mounted lazy layer whose reads a recording lists.
+type Layer struct {
+	Digest digest.Digest
+	FS     *layerfs.FS
+}
+
+// A recording records what the first container of an image reads while it
+// starts, to store as the image's start-up profile.
+type recording struct {
+	target Target
+	layers []Layer
 	timer  *time.Timer
-}
-
-// prefetch starts fetching the frames of mounted layer l that profile p
-// lists.
-func (m *Manager) prefetch(l *layer, p *api.Profile) {
-	if l.server == nil {
-		return
-	}
-	fs := l.server.FS()
-	fs.Prefetch(m.profileFrames(p, l.repo, l.digest, fs.Index().Data))
-}
-
-// profileFrames returns the frames of profile p to prefetch for the layer
-// whose digest and data blob are layer and data, mounted from repo: none
-// when a start-up pack holds its pages.
-func (m *Manager) profileFrames(p *api.Profile, repo remote.Repository, layer, data digest.Digest) []int {
-	if m.packFor(repo, data) != nil {
-		return nil
-	}
-	return profileFrames(p, layer, data)
-}
-
-// profileFrames returns the frames profile p lists for the layer whose
-// digest and data blob are layer and data (nil p: none).
-func profileFrames(p *api.Profile, layer, data digest.Digest) []int {
-	if p == nil {
-		return nil
-	}
-	for _, pl := range p.Layers {
-		if pl.Layer == layer && pl.Data == data {
-			return pl.Frames
-		}
-	}
-	return nil
 }
 
 // rankProfile sets the Ranks of p's layers from the sequence numbers of
@@ -105,45 +84,41 @@ func rank(seqs [][]uint64) [][]int {
 	return out
 }
 
-// record starts recording the reads of the lazy layers of lease id's
-// image; finishRecording stores them as its profile when the lease ends or
-// Options.ProfileWindow has passed, whichever comes first.
-func (m *Manager) record(id string, img *Image, layers []*layer) {
-	r := &profileRecording{img: img}
+// Record starts recording the reads of layers, the lazy layers of the
+// image of a start (lease id): Finish(id) stores them as the image's
+// profile, at the latest Options.Window after now.
+func (s *Profiles) Record(id string, t Target, layers []Layer) {
+	r := &recording{target: t}
 	for _, l := range layers {
-		if l.server != nil {
-			l.server.FS().StartRecording()
-			r.layers = append(r.layers, l)
-		}
+		l.FS.StartRecording()
+		r.layers = append(r.layers, l)
 	}
 	if len(r.layers) == 0 {
 		return
 	}
-	window := m.opts.ProfileWindow
-	if window <= 0 {
-		window = 10 * time.Second
-	}
-	m.mu.Lock()
-	m.recordings[id] = r
-	m.uploads.Add(1)
-	m.mu.Unlock()
-	r.timer = time.AfterFunc(window, func() { m.finishRecording(id) })
+	s.mu.Lock()
+	s.recordings[id] = r
+	s.uploads.Add(1)
+	r.timer = time.AfterFunc(s.opts.Window, func() { s.Finish(id) })
+	s.mu.Unlock()
 }
 
-func (m *Manager) finishRecording(id string) {
-	m.mu.Lock()
-	r := m.recordings[id]
-	delete(m.recordings, id)
-	m.mu.Unlock()
+// Finish ends the recording of start id, if there is one, and stores what
+// it read as the profile of its image.
+func (s *Profiles) Finish(id string) {
+	s.mu.Lock()
+	r := s.recordings[id]
+	delete(s.recordings, id)
+	s.mu.Unlock()
 	if r == nil {
 		return
 	}
-	defer m.uploads.Done()
+	defer s.uploads.Done()
 	r.timer.Stop()
 	p := &api.Profile{Version: layerindex.Version}
 	var seqs, pageSeqs [][]uint64
 	for _, l := range r.layers {
-		fs := l.server.FS()
+		fs := l.FS
 		rec := fs.StopRecording()
 		if len(rec.Frames) == 0 {
 			continue
@@ -154,12 +129,12 @@ func (m *Manager) finishRecording(id string) {
 			ranges[i] = [2]int64{fr.COffset, fr.CSize}
 		}
 		p.Layers = append(p.Layers, api.ProfileLayer{
-			Layer: l.digest, Data: fs.Index().Data, Frames: rec.Frames, Ranges: ranges, Pages: rec.Pages,
+			Layer: l.Digest, Data: fs.Index().Data, Frames: rec.Frames, Ranges: ranges, Pages: rec.Pages,
 		})
 		seqs = append(seqs, rec.Seq)
 		pageSeqs = append(pageSeqs, rec.PageSeq)
-		if m.log.Enabled(context.Background(), slog.LevelDebug) {
-			m.log.Debug("start-up profile: layer", "layer", l.digest, "frames", len(rec.Frames), "read", readByFile(fs.Index(), rec.Pages))
+		if s.log.Enabled(context.Background(), slog.LevelDebug) {
+			s.log.Debug("start-up profile: layer", "layer", l.Digest, "frames", len(rec.Frames), "read", readByFile(fs.Index(), rec.Pages))
 		}
 	}
 	n := rankProfile(p, seqs, pageSeqs)
@@ -174,22 +149,37 @@ func (m *Manager) finishRecording(id string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	repo := remote.Repository{Registry: r.img.Registry, Name: r.img.Repo}
-	if err := m.client.PutProfile(ctx, repo, r.img.Digest, p); err != nil {
-		m.log.Info("start-up profile not stored", "ref", r.img.Ref, "err", err)
+	if err := s.client.PutProfile(ctx, r.target.Repo, r.target.Manifest, p); err != nil {
+		s.log.Info("start-up profile not stored", "ref", r.target.Ref, "err", err)
 		return
 	}
-	m.log.Info("start-up profile stored", "ref", r.img.Ref, "layers", len(p.Layers), "frames", n)
-	// The next container of the image on this node uses it too.
-	path := imagePath(m.root, r.img.Ref)
-	b, err := os.ReadFile(path)
-	var img Image
-	if err != nil || json.Unmarshal(b, &img) != nil || img.Digest != r.img.Digest {
-		return
+	s.log.Info("start-up profile stored", "ref", r.target.Ref, "layers", len(p.Layers), "frames", n)
+	if s.opts.Stored != nil {
+		s.opts.Stored(r.target, p)
 	}
-	img.Profile, img.Unprofiled = p, false
-	b, _ = json.MarshalIndent(&img, "", "  ")
-	atomicfile.Write(path, b)
+}
+
+// Close ends every recording, storing what each read, and waits up to 5 s
+// (or until ctx is done) for their profiles to be stored.
+func (s *Profiles) Close(ctx context.Context) {
+	s.mu.Lock()
+	var ids []string
+	for id := range s.recordings {
+		ids = append(ids, id)
+	}
+	s.mu.Unlock()
+	for _, id := range ids {
+		go s.Finish(id)
+	}
+	uploaded := make(chan struct{})
+	go func() { s.uploads.Wait(); close(uploaded) }()
+	t := time.NewTimer(5 * time.Second)
+	defer t.Stop()
+	select {
+	case <-uploaded:
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 // readByFile describes the bytes ranges of ix's stream hold: the total,
