@@ -1,0 +1,134 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/atomicfile"
+	"github.com/strata-oci/strata/internal/remote"
+	"github.com/strata-oci/strata/internal/startup"
+)
+
+// Download is the progress of one fallback layer download.
+type Download struct {
+	Layer digest.Digest `json:"layer"`
+	Done  int64         `json:"done"`
+	Total int64         `json:"total"`
+}
+
+func (m *Manager) setProgress(d digest.Digest, done, total int64) {
+	m.mu.Lock()
+	m.downloads[d] = &Download{Layer: d, Done: done, Total: total}
+	m.mu.Unlock()
+}
+
+func (m *Manager) endProgress(d digest.Digest) {
+	m.mu.Lock()
+	delete(m.downloads, d)
+	m.mu.Unlock()
+}
+
+// Downloads returns the fallback downloads in progress.
+func (m *Manager) Downloads() []Download {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Download, 0, len(m.downloads))
+	for _, d := range m.downloads {
+		out = append(out, *d)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Layer < out[j].Layer })
+	return out
+}
+
+// Image is a pulled image as the node records it.
+type Image struct {
+	Ref      string               `json:"ref"`
+	Digest   digest.Digest        `json:"digest"`
+	Registry string               `json:"registry"`
+	Repo     string               `json:"repo"`
+	Config   ocispec.Image        `json:"config"`
+	Layers   []ocispec.Descriptor `json:"layers"` // bottom first, as in the manifest
+	Mode     string               `json:"mode"`
+	Pulled   time.Time            `json:"pulled"`
+	// Reason says why the fallback was taken.
+	Reason string `json:"reason,omitempty"`
+	// Profile is the image's start-up profile from the registry, if it
+	// has one; Unprofiled records that the registry has none (so the
+	// first container records one).
+	Profile    *api.Profile `json:"profile,omitempty"`
+	Unprofiled bool         `json:"unprofiled,omitempty"`
+	// PlainHTTP: the image was pulled over plain HTTP (--plain-http).
+	PlainHTTP bool `json:"plainHTTP,omitempty"`
+}
+
+// Images lists pulled images.
+func (m *Manager) Images() ([]*Image, error) {
+	paths, _ := filepath.Glob(filepath.Join(m.root, "images", "*.json"))
+	var out []*Image
+	for _, p := range paths {
+		var img Image
+		if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &img) == nil {
+			out = append(out, &img)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
+	return out, nil
+}
+
+// image returns the recorded image for ref, pulling it if needed.
+func (m *Manager) image(ctx context.Context, ref string) (*Image, error) {
+	if r, err := remote.ParseReference(ref); err == nil {
+		if b, err := os.ReadFile(imagePath(m.root, r.String())); err == nil {
+			var img Image
+			if json.Unmarshal(b, &img) == nil {
+				return &img, nil
+			}
+		}
+	}
+	return m.Pull(ctx, ref)
+}
+
+// RemoveImage forgets a pulled image; its layers stay while leases use them.
+func (m *Manager) RemoveImage(ctx context.Context, ref string) error {
+	r, err := remote.ParseReference(ref)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	for _, l := range m.leases {
+		if l.Ref == r.String() {
+			m.mu.Unlock()
+			return fmt.Errorf("image %s is in use by %s", ref, l.ID)
+		}
+	}
+	m.mu.Unlock()
+	p := imagePath(m.root, r.String())
+	if _, err := os.Stat(p); err != nil {
+		return fmt.Errorf("image %s: not pulled", ref)
+	}
+	return os.Remove(p)
+}
+
+// profileStored records profile p, just stored in the registry, with the
+// image of t: the next container of the image on this node uses it too
+// (startup.Options.Stored).
+func (m *Manager) profileStored(t startup.Target, p *api.Profile) {
+	path := imagePath(m.root, t.Ref)
+	b, err := os.ReadFile(path)
+	var img Image
+	if err != nil || json.Unmarshal(b, &img) != nil || img.Digest != t.Manifest {
+		return
+	}
+	img.Profile, img.Unprofiled = p, false
+	b, _ = json.MarshalIndent(&img, "", "  ")
+	atomicfile.Write(path, b)
+}

@@ -1,0 +1,254 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/atomicfile"
+	"github.com/strata-oci/strata/internal/remote"
+	"github.com/strata-oci/strata/internal/unpack"
+	"github.com/strata-oci/strata/layerindex"
+)
+
+// Pull resolves ref and makes every layer available: a layer mount when
+// the registry offers one, else a download and unpack. It records the image.
+// The registry is reached as the client's Hosts say.
+func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
+	r, err := remote.ParseReference(ref)
+	if err != nil {
+		return nil, err
+	}
+	if m.complete != nil {
+		m.complete.Busy()
+	}
+	// The requests that depend only on the manifest go out as soon as it
+	// is verified, alongside the config: whether the registry offers layer
+	// mounts (asked once per registry, from the start), the start-up
+	// profile, and every layer's mount and index (a bounded number at a
+	// time), so a many-layer image costs no round trip per layer. The
+	// indexes are bound to the config's diff IDs once it is there.
+	offer := sync.OnceValues(func() (bool, string) { return m.offersMounts(ctx, r.Registry) })
+	go offer()
+	// The requests that follow the manifest go out together, each on a
+	// connection of its own: open those now, while the manifest is on
+	// its way.
+	m.client.Preconnect(r.Registry, preconnect)
+	var (
+		early       []*earlyIndex
+		profile     *api.Profile
+		unprofiled  bool
+		profileDone = make(chan struct{})
+	)
+	start := time.Now()
+	img, err := m.client.ResolveWith(ctx, r, func(md digest.Digest, man *ocispec.Manifest) {
+		m.log.Debug("pull: manifest verified", "ref", ref, "after", time.Since(start))
+		early = make([]*earlyIndex, len(man.Layers))
+		for i := range early {
+			early[i] = &earlyIndex{done: make(chan struct{})}
+		}
+		layers := man.Layers
+		indexesIn := make(chan struct{})
+		go func() {
+			lazy, _ := offer()
+			if !lazy || m.opts.Profiles == ProfilesOff {
+				close(profileDone)
+			} else {
+				go func() {
+					defer close(profileDone)
+					// Its pack (or its frames) are fetched now,
+					// alongside the indexes, not once they are there.
+					profile, unprofiled = m.starts.Fetch(ctx, r.Repository, md, man.Layers, indexesIn)
+					m.log.Debug("pull: start-up profile", "ref", ref, "after", time.Since(start), "found", profile != nil)
+				}()
+			}
+			forEach(ctx, len(layers), pullConcurrency, func(i int) {
+				e := early[i]
+				defer close(e.done)
+				if lazy {
+					e.md, e.raw, e.ix, e.err = m.getIndex(ctx, r.Repository, layers[i])
+					m.log.Debug("pull: index", "layer", layers[i].Digest, "after", time.Since(start), "err", e.err)
+				}
+			})
+			for _, e := range early { // those skipped when ctx ended
+				select {
+				case <-e.done:
+				default:
+					e.err = ctx.Err()
+					close(e.done)
+				}
+			}
+			close(indexesIn)
+		}()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("resolve %s: %w", ref, err)
+	}
+	if len(img.Config.RootFS.DiffIDs) != len(img.Manifest.Layers) {
+		return nil, fmt.Errorf("image %s: config lists %d diff IDs for %d layers", ref, len(img.Config.RootFS.DiffIDs), len(img.Manifest.Layers))
+	}
+	rec := &Image{
+		Ref: r.String(), Digest: img.Digest, Registry: r.Registry, Repo: r.Name,
+		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
+		PlainHTTP: m.client.Hosts().Lookup(r.Registry).PlainHTTP,
+	}
+	lazy, reason := offer()
+	layers := img.Manifest.Layers
+	unpackAll := !lazy
+	errs := make([]error, len(layers))
+	if lazy {
+		for i, e := range early {
+			select {
+			case <-e.done:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			if errs[i] = e.err; e.err == nil && e.raw != nil {
+				errs[i] = m.saveIndex(layers[i], img.Config.RootFS.DiffIDs[i], e.md, e.raw, e.ix)
+			}
+		}
+	}
+	var fallback []int
+	for i, err := range errs {
+		switch {
+		case unpackAll:
+			fallback = append(fallback, i)
+		case err == nil:
+		case errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound):
+			// This layer is pulled the ordinary way; the others stay
+			// layer mounts.
+			if lazy {
+				lazy, reason = false, fmt.Sprintf("layer %s has no layer mount: %v", layers[i].Digest, err)
+			}
+			fallback = append(fallback, i)
+		default:
+			return nil, err
+		}
+	}
+	errs = make([]error, len(fallback))
+	forEach(ctx, len(fallback), downloadConcurrency, func(j int) {
+		i := fallback[j]
+		errs[j] = m.unpackLayer(ctx, r.Repository, layers[i], img.Config.RootFS.DiffIDs[i])
+	})
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	<-profileDone
+	rec.Profile, rec.Unprofiled = profile, unprofiled
+	if !lazy {
+		rec.Mode, rec.Reason = ModeUnpacked, reason
+	}
+	b, _ := json.MarshalIndent(rec, "", "  ")
+	if err := atomicfile.Write(imagePath(m.root, rec.Ref), b); err != nil {
+		return nil, err
+	}
+	return rec, nil
+}
+
+// pullConcurrency bounds the layers whose mount and index requests are in
+// flight at once; downloadConcurrency the fallback downloads (containerd's
+// default is 3).
+const (
+	pullConcurrency     = 32
+	downloadConcurrency = 3
+)
+
+// forEach calls fn(0) … fn(n-1), at most limit at a time, and waits for
+// them. Calls not yet started when ctx is done are skipped.
+func forEach(ctx context.Context, n, limit int, fn func(i int)) {
+	sem := make(chan struct{}, limit)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			fn(i)
+		}()
+	}
+	wg.Wait()
+}
+
+// offersMounts asks a registry, once, whether it serves layer mounts.
+func (m *Manager) offersMounts(ctx context.Context, registry string) (bool, string) {
+	m.mu.Lock()
+	v, ok := m.info[registry]
+	m.mu.Unlock()
+	if ok {
+		if !v {
+			return false, "the registry does not offer layer mounts"
+		}
+		return true, ""
+	}
+	info, ok, err := m.client.Info(ctx, registry)
+	if err != nil {
+		return false, "asking the registry for layer mounts failed: " + err.Error()
+	}
+	if ok {
+		ok = false
+		for _, v := range info.Versions {
+			if v == layerindex.Version {
+				ok = true
+			}
+		}
+	}
+	m.mu.Lock()
+	m.info[registry] = ok
+	m.mu.Unlock()
+	if !ok {
+		return false, "the registry does not offer layer mounts"
+	}
+	return true, ""
+}
+
+// preconnect is the number of connections a pull opens ahead: the
+// config, the start-up profile, and a few layer mounts and indexes.
+const preconnect = 4
+
+// unpackLayer downloads and unpacks a layer for the fallback path.
+func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) error {
+	dir := layerDir(m.root, l.Digest)
+	fs := filepath.Join(dir, "fs")
+	if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
+		return nil
+	}
+	os.RemoveAll(fs)
+	if err := os.MkdirAll(fs, 0o755); err != nil {
+		return err
+	}
+	rc, err := m.client.FetchBlob(ctx, repo, l)
+	if err != nil {
+		return fmt.Errorf("download layer %s: %w", l.Digest, err)
+	}
+	defer rc.Close()
+	m.setProgress(l.Digest, 0, l.Size)
+	defer m.endProgress(l.Digest)
+	progress := func(n int64) { m.setProgress(l.Digest, n, l.Size) }
+	st, err := unpack.Layer(ctx, rc, fs, unpack.Options{Logger: m.log, Progress: progress})
+	if err != nil {
+		os.RemoveAll(fs)
+		return fmt.Errorf("unpack layer %s: %w", l.Digest, err)
+	}
+	if st.DiffID != diffID {
+		os.RemoveAll(fs)
+		return fmt.Errorf("layer %s: unpacked content is %s, the image config says %s", l.Digest, st.DiffID, diffID)
+	}
+	return atomicfile.Write(filepath.Join(dir, "unpacked"), []byte(st.DiffID.String()))
+}
