@@ -66,8 +66,8 @@ func (m *Manager) DF() *DFReport {
 			if l.mode == ModeUnpacked {
 				u.Total, u.Fetched = l.size, l.size
 			}
-			if l.server != nil {
-				u.Fetched += l.server.Stats().BytesFetched
+			if l.fs != nil {
+				u.Fetched += l.fs.Stats().BytesFetched
 			}
 		}
 		r.Layers = append(r.Layers, u)

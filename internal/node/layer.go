@@ -17,7 +17,6 @@ import (
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/layerfs"
-	"github.com/strata-oci/strata/internal/overlay"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/layerindex"
 )
@@ -28,7 +27,8 @@ type layer struct {
 	mode   string
 	dir    string // what overlay uses as a lower
 	refs   int
-	server *layerfs.Server   // lazy layers
+	fs     *layerfs.FS // lazy layers: the file system and its mount
+	mnt    LayerMount
 	size   int64             // compressed layer size
 	usize  int64             // uncompressed bytes of file data
 	repo   remote.Repository // lazy layers: where the frames come from
@@ -68,9 +68,8 @@ func (m *Manager) ref(ctx context.Context, img *Image, d ocispec.Descriptor, p *
 		if l.err != nil {
 			return nil, l.err
 		}
-		if p != nil && l.server != nil {
-			fs := l.server.FS()
-			fs.Prefetch(m.starts.Frames(p, l.repo, l.digest, fs.Index().Data))
+		if p != nil && l.fs != nil {
+			l.fs.Prefetch(m.starts.Frames(p, l.repo, l.digest, l.fs.Index().Data))
 		}
 		return l, nil
 	}
@@ -118,21 +117,26 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 		return fmt.Errorf("layer %s: saved index is for %s", d.Digest, ix.Layer)
 	}
 	mnt := filepath.Join(dir, "mnt")
-	overlay.Unmount(mnt, true) // a stale mount from a crashed daemon
+	m.mounter.Unmount(mnt, true) // a stale mount from a crashed daemon
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
 		return err
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
-	srv, err := layerfs.Mount(ctx, mnt, ix, m.starts.Source(repo, ix.Data), m.cache, layerfs.Options{
+	fs, err := layerfs.New(ix, m.starts.Source(repo, ix.Data), m.cache, layerfs.Options{
 		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
 		Prefetch: m.starts.Frames(p, repo, d.Digest, ix.Data), Profiled: p != nil,
 		Completer: m.complete,
 	})
 	if err != nil {
+		return fmt.Errorf("layer %s: %w", d.Digest, err)
+	}
+	lm, err := m.mounter.MountLayer(ctx, mnt, fs)
+	if err != nil {
+		fs.Close()
 		return fmt.Errorf("mount layer %s: %w", d.Digest, err)
 	}
 	m.mu.Lock()
-	l.mode, l.dir, l.server, l.usize, l.repo = ModeLazy, mnt, srv, ix.StreamSize, repo
+	l.mode, l.dir, l.fs, l.mnt, l.usize, l.repo = ModeLazy, mnt, fs, lm, ix.StreamSize, repo
 	m.mu.Unlock()
 	m.log.Info("layer mounted", "layer", d.Digest, "entries", len(ix.Entries))
 	return nil
@@ -156,11 +160,11 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 func (m *Manager) narrowReadahead(l *layer) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if l.server == nil {
+	if l.mnt == nil {
 		return
 	}
 	if l.raTimer == nil {
-		old, err := l.server.SetReadahead(startupReadaheadKB)
+		old, err := l.mnt.SetReadahead(startupReadaheadKB)
 		if err != nil {
 			m.log.Debug("readahead not narrowed", "layer", l.digest, "err", err)
 			return
@@ -169,14 +173,14 @@ func (m *Manager) narrowReadahead(l *layer) {
 	} else {
 		l.raTimer.Stop()
 	}
-	srv := l.server
+	lm := l.mnt
 	var t *time.Timer
 	t = time.AfterFunc(startupWindow, func() {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		// Not when a later start replaced this timer while it fired.
-		if l.server == srv && l.raTimer == t {
-			srv.SetReadahead(l.raDefault)
+		if l.mnt == lm && l.raTimer == t {
+			lm.SetReadahead(l.raDefault)
 			l.raTimer = nil
 		}
 	})
@@ -196,7 +200,7 @@ func (m *Manager) unref(l *layer) {
 		m.mu.Unlock()
 		return
 	}
-	if m.opts.Linger > 0 && l.server != nil && m.layers[l.digest] == l {
+	if m.opts.Linger > 0 && l.mnt != nil && m.layers[l.digest] == l {
 		var t *time.Timer
 		t = time.AfterFunc(m.opts.Linger, func() {
 			m.mu.Lock()
@@ -225,15 +229,12 @@ func (m *Manager) unmountLocked(l *layer) {
 		l.raTimer = nil
 	}
 	m.mu.Unlock()
-	if l.server != nil {
-		st := l.server.Stats()
+	if l.mnt != nil {
+		st := l.fs.Stats()
 		m.addFetched(l.digest, st.BytesFetched)
 		m.log.Debug("layer unmounted", "layer", l.digest, "fetched_bytes", st.BytesFetched, "fetched_frames", st.FramesFetched,
 			"requests", st.Requests, "page_reads", st.PageReads, "served_reads", st.ServedReads, "cache_hits", st.CacheHits)
-		if err := l.server.Unmount(); err != nil {
-			m.log.Warn("layer unmount", "layer", l.digest, "err", err)
-			overlay.Unmount(l.dir, true)
-		}
+		m.unmountLayer(l)
 	}
 }
 
@@ -251,8 +252,8 @@ func (m *Manager) prefetchMounted(repo remote.Repository, layer, data digest.Dig
 	default:
 		return
 	}
-	if l.server != nil && l.repo == repo && l.server.FS().Index().Data == data {
-		l.server.FS().Prefetch(frames)
+	if l.fs != nil && l.repo == repo && l.fs.Index().Data == data {
+		l.fs.Prefetch(frames)
 	}
 }
 
@@ -325,4 +326,16 @@ func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocis
 // remembered), and if not, why.
 func (m *Manager) OffersMounts(ctx context.Context, registry string) (bool, string) {
 	return m.offersMounts(ctx, registry)
+}
+
+// unmountLayer unmounts lazy layer l and closes its file system; a mount
+// still in use is detached instead, and its file system serves the users
+// it has until they leave.
+func (m *Manager) unmountLayer(l *layer) {
+	if err := l.mnt.Unmount(); err != nil {
+		m.log.Warn("layer unmount", "layer", l.digest, "err", err)
+		m.mounter.Unmount(l.dir, true)
+		return
+	}
+	l.fs.Close()
 }

@@ -13,7 +13,6 @@ import (
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/atomicfile"
-	"github.com/strata-oci/strata/internal/overlay"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/startup"
 )
@@ -157,11 +156,7 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 		lease.Lowers = append(lease.Lowers, got[i].dir)
 	}
 	if union != "" {
-		plan, err := overlay.Plan(overlay.Spec{Lowers: lease.Lowers})
-		if err == nil {
-			err = plan.Do(union)
-		}
-		if err != nil {
+		if err := m.mounter.MountUnion(union, lease.Lowers); err != nil {
 			release()
 			return nil, fmt.Errorf("union mount at %s: %w", union, err)
 		}
@@ -170,7 +165,7 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	b, _ := json.MarshalIndent(lease, "", "  ")
 	if err := atomicfile.Write(filepath.Join(m.root, "leases", leaseFile(id)), b); err != nil {
 		if union != "" {
-			overlay.Unmount(union, true)
+			m.mounter.Unmount(union, true)
 		}
 		release()
 		return nil, err
@@ -183,15 +178,15 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 		for _, l := range got {
 			// Only a start whose reads go into a profile, or come from one
 			// that is not on the node yet, fetches what readahead widens.
-			if record || prefetch && l.server != nil && !l.server.FS().Cached(startup.ProfileFrames(img.Profile, l.digest, l.server.FS().Index().Data)) {
+			if record || prefetch && l.fs != nil && !l.fs.Cached(startup.ProfileFrames(img.Profile, l.digest, l.fs.Index().Data)) {
 				m.narrowReadahead(l)
 			}
 		}
 		if record {
 			var lazy []startup.Layer
 			for _, l := range got {
-				if l.server != nil {
-					lazy = append(lazy, startup.Layer{Digest: l.digest, FS: l.server.FS()})
+				if l.fs != nil {
+					lazy = append(lazy, startup.Layer{Digest: l.digest, FS: l.fs})
 				}
 			}
 			target := startup.Target{Ref: img.Ref, Repo: remote.Repository{Registry: img.Registry, Name: img.Repo}, Manifest: img.Digest}
@@ -217,9 +212,9 @@ func (m *Manager) Release(ctx context.Context, id string) error {
 		return fmt.Errorf("no lease %s", id)
 	}
 	if lease.Union != "" {
-		if err := overlay.Unmount(lease.Union, false); err != nil {
+		if err := m.mounter.Unmount(lease.Union, false); err != nil {
 			m.log.Warn("union busy, detaching", "dir", lease.Union, "err", err)
-			overlay.Unmount(lease.Union, true)
+			m.mounter.Unmount(lease.Union, true)
 		}
 	}
 	os.Remove(filepath.Join(m.root, "leases", leaseFile(id)))

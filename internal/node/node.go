@@ -34,7 +34,6 @@ import (
 
 	"github.com/strata-oci/strata/internal/cache"
 	"github.com/strata-oci/strata/internal/layerfs"
-	"github.com/strata-oci/strata/internal/overlay"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/startup"
 	"github.com/strata-oci/strata/layerindex"
@@ -51,6 +50,8 @@ type Options struct {
 	Root      string
 	CacheSize int64
 	Logger    *slog.Logger
+	// Mounter performs the mounts (nil: KernelMounter).
+	Mounter Mounter
 	// Remote is the registry client. Its Hosts resolver is the node's:
 	// a registry a request reaches over plain HTTP is marked there
 	// (AllowPlainHTTP), and so is one an image was pulled from that way
@@ -99,6 +100,7 @@ type Manager struct {
 	// complete puts files read from lazy layers whole into the cache in
 	// the background; nil if Options.CompleteMax < 0.
 	complete *layerfs.Completer
+	mounter  Mounter
 	// fetchedMu serializes addFetched.
 	fetchedMu sync.Mutex
 
@@ -135,11 +137,14 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		return nil, err
 	}
 	m := &Manager{
-		opts: opts, root: opts.Root, log: log, cache: c,
+		opts: opts, root: opts.Root, log: log, cache: c, mounter: opts.Mounter,
 		info:   map[string]bool{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{},
 		decoded:   map[digest.Digest]*layerindex.Index{},
+	}
+	if m.mounter == nil {
+		m.mounter = KernelMounter{}
 	}
 	m.client = opts.Remote
 	if m.client == nil {
@@ -175,12 +180,12 @@ func (m *Manager) cleanStale() {
 	for _, p := range leases {
 		var l Lease
 		if b, err := os.ReadFile(p); err == nil && json.Unmarshal(b, &l) == nil && l.Union != "" {
-			overlay.Unmount(l.Union, true)
+			m.mounter.Unmount(l.Union, true)
 		}
 	}
 	mnts, _ := filepath.Glob(filepath.Join(m.root, "layers", "*", "mnt"))
 	for _, p := range mnts {
-		overlay.Unmount(p, true)
+		m.mounter.Unmount(p, true)
 	}
 }
 
@@ -202,7 +207,7 @@ func (m *Manager) Close(ctx context.Context) {
 		delete(m.leases, l.ID)
 		m.mu.Unlock()
 		if l.Union != "" {
-			overlay.Unmount(l.Union, true)
+			m.mounter.Unmount(l.Union, true)
 		}
 	}
 	m.mu.Lock()
@@ -219,9 +224,9 @@ func (m *Manager) Close(ctx context.Context) {
 	}
 	m.mu.Unlock()
 	for _, l := range layers {
-		if l.server != nil {
-			m.addFetched(l.digest, l.server.Stats().BytesFetched)
-			l.server.Unmount()
+		if l.mnt != nil {
+			m.addFetched(l.digest, l.fs.Stats().BytesFetched)
+			m.unmountLayer(l)
 		}
 	}
 	if m.complete != nil {

@@ -31,67 +31,10 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 	if m.complete != nil {
 		m.complete.Busy()
 	}
-	// The requests that depend only on the manifest go out as soon as it
-	// is verified, alongside the config: whether the registry offers layer
-	// mounts (asked once per registry, from the start), the start-up
-	// profile, and every layer's mount and index (a bounded number at a
-	// time), so a many-layer image costs no round trip per layer. The
-	// indexes are bound to the config's diff IDs once it is there.
-	offer := sync.OnceValues(func() (bool, string) { return m.offersMounts(ctx, r.Registry) })
-	go offer()
-	// The requests that follow the manifest go out together, each on a
-	// connection of its own: open those now, while the manifest is on
-	// its way.
-	m.client.Preconnect(r.Registry, preconnect)
-	var (
-		early       []*earlyIndex
-		profile     *api.Profile
-		unprofiled  bool
-		profileDone = make(chan struct{})
-	)
-	start := time.Now()
-	img, err := m.client.ResolveWith(ctx, r, func(md digest.Digest, man *ocispec.Manifest) {
-		m.log.Debug("pull: manifest verified", "ref", ref, "after", time.Since(start))
-		early = make([]*earlyIndex, len(man.Layers))
-		for i := range early {
-			early[i] = &earlyIndex{done: make(chan struct{})}
-		}
-		layers := man.Layers
-		indexesIn := make(chan struct{})
-		go func() {
-			lazy, _ := offer()
-			if !lazy || m.opts.Profiles == ProfilesOff {
-				close(profileDone)
-			} else {
-				go func() {
-					defer close(profileDone)
-					// Its pack (or its frames) are fetched now,
-					// alongside the indexes, not once they are there.
-					profile, unprofiled = m.starts.Fetch(ctx, r.Repository, md, man.Layers, indexesIn)
-					m.log.Debug("pull: start-up profile", "ref", ref, "after", time.Since(start), "found", profile != nil)
-				}()
-			}
-			forEach(ctx, len(layers), pullConcurrency, func(i int) {
-				e := early[i]
-				defer close(e.done)
-				if lazy {
-					e.md, e.raw, e.ix, e.err = m.getIndex(ctx, r.Repository, layers[i])
-					m.log.Debug("pull: index", "layer", layers[i].Digest, "after", time.Since(start), "err", e.err)
-				}
-			})
-			for _, e := range early { // those skipped when ctx ended
-				select {
-				case <-e.done:
-				default:
-					e.err = ctx.Err()
-					close(e.done)
-				}
-			}
-			close(indexesIn)
-		}()
-	})
+	p := m.newPull(ctx, r)
+	img, err := m.client.ResolveWith(ctx, r, p.ahead)
 	if err != nil {
-		return nil, fmt.Errorf("resolve %s: %w", ref, err)
+		return nil, err // it names the reference
 	}
 	if len(img.Config.RootFS.DiffIDs) != len(img.Manifest.Layers) {
 		return nil, fmt.Errorf("image %s: config lists %d diff IDs for %d layers", ref, len(img.Config.RootFS.DiffIDs), len(img.Manifest.Layers))
@@ -101,23 +44,137 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 		Config: img.Config, Layers: img.Manifest.Layers, Mode: ModeLazy, Pulled: time.Now().UTC(),
 		PlainHTTP: m.client.Hosts().Lookup(r.Registry).PlainHTTP,
 	}
-	lazy, reason := offer()
+	fallback, lazy, reason, err := p.bind(img)
+	if err != nil {
+		return nil, err
+	}
+	layers := img.Manifest.Layers
+	errs := make([]error, len(fallback))
+	forEach(ctx, len(fallback), downloadConcurrency, func(j int) {
+		i := fallback[j]
+		errs[j] = m.unpackLayer(ctx, r.Repository, layers[i], img.Config.RootFS.DiffIDs[i])
+	})
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	<-p.profileDone
+	rec.Profile, rec.Unprofiled = p.profile, p.unprofiled
+	if !lazy {
+		rec.Mode, rec.Reason = ModeUnpacked, reason
+	}
+	b, _ := json.MarshalIndent(rec, "", "  ")
+	if err := atomicfile.Write(imagePath(m.root, rec.Ref), b); err != nil {
+		return nil, err
+	}
+	return rec, nil
+}
+
+// A pull is the part of a Pull that goes on while the image resolves. The
+// requests that depend only on the manifest go out as soon as it is
+// verified, alongside the config: whether the registry offers layer mounts
+// (asked once per registry, from the start), the start-up profile, and
+// every layer's index (a bounded number at a time), so a many-layer image
+// costs no round trip per layer. The indexes are bound to the config's
+// diff IDs once it is there (bind).
+type pull struct {
+	m     *Manager
+	ctx   context.Context // the Pull's: every request of the pull ends with it
+	ref   remote.Reference
+	start time.Time
+	offer func() (lazy bool, reason string)
+
+	early []*earlyIndex // by layer, once the manifest is verified
+	// profile and unprofiled are set when profileDone is closed.
+	profile     *api.Profile
+	unprofiled  bool
+	profileDone chan struct{}
+}
+
+// newPull starts asking whether the registry offers layer mounts and opens
+// the connections of the requests that follow the manifest, each on one
+// of its own, while the manifest is on its way.
+func (m *Manager) newPull(ctx context.Context, r remote.Reference) *pull {
+	p := &pull{m: m, ctx: ctx, ref: r, start: time.Now(), profileDone: make(chan struct{})}
+	p.offer = sync.OnceValues(func() (bool, string) { return m.offersMounts(ctx, r.Registry) })
+	go p.offer()
+	m.client.Preconnect(r.Registry, preconnect)
+	return p
+}
+
+// ahead is called with the verified manifest (md, man), before the config
+// is there: it starts fetching the start-up profile and the layers'
+// indexes, in the background.
+func (p *pull) ahead(md digest.Digest, man *ocispec.Manifest) {
+	p.m.log.Debug("pull: manifest verified", "ref", p.ref, "after", time.Since(p.start))
+	p.early = make([]*earlyIndex, len(man.Layers))
+	for i := range p.early {
+		p.early[i] = &earlyIndex{done: make(chan struct{})}
+	}
+	go p.fetchAhead(md, man.Layers)
+}
+
+// fetchAhead fetches the start-up profile (and starts its early fetch)
+// and the indexes of layers, once the registry said it offers layer
+// mounts.
+func (p *pull) fetchAhead(md digest.Digest, layers []ocispec.Descriptor) {
+	m, ctx := p.m, p.ctx
+	lazy, _ := p.offer()
+	indexesIn := make(chan struct{})
+	if !lazy || m.opts.Profiles == ProfilesOff {
+		close(p.profileDone)
+	} else {
+		go func() {
+			defer close(p.profileDone)
+			// Its pack (or its frames) are fetched now, alongside the
+			// indexes, not once they are there.
+			p.profile, p.unprofiled = m.starts.Fetch(ctx, p.ref.Repository, md, layers, indexesIn)
+			m.log.Debug("pull: start-up profile", "ref", p.ref, "after", time.Since(p.start), "found", p.profile != nil)
+		}()
+	}
+	forEach(ctx, len(layers), pullConcurrency, func(i int) {
+		e := p.early[i]
+		defer close(e.done)
+		if lazy {
+			e.md, e.raw, e.ix, e.err = m.getIndex(ctx, p.ref.Repository, layers[i])
+			m.log.Debug("pull: index", "layer", layers[i].Digest, "after", time.Since(p.start), "err", e.err)
+		}
+	})
+	for _, e := range p.early { // those skipped when ctx ended
+		select {
+		case <-e.done:
+		default:
+			e.err = ctx.Err()
+			close(e.done)
+		}
+	}
+	close(indexesIn)
+}
+
+// bind waits for the layers' indexes, binds each to the diff ID img's
+// config gives it and saves it, and returns the layers to pull the
+// ordinary way: all of them from a registry without layer mounts, else
+// those it has no layer mount for (lazy is then false, and reason says
+// why).
+func (p *pull) bind(img *remote.Image) (fallback []int, lazy bool, reason string, err error) {
+	lazy, reason = p.offer()
 	layers := img.Manifest.Layers
 	unpackAll := !lazy
 	errs := make([]error, len(layers))
 	if lazy {
-		for i, e := range early {
+		for i, e := range p.early {
 			select {
 			case <-e.done:
-			case <-ctx.Done():
-				return nil, ctx.Err()
+			case <-p.ctx.Done():
+				return nil, false, "", p.ctx.Err()
 			}
 			if errs[i] = e.err; e.err == nil && e.raw != nil {
-				errs[i] = m.saveIndex(layers[i], img.Config.RootFS.DiffIDs[i], e.md, e.raw, e.ix)
+				errs[i] = p.m.saveIndex(layers[i], img.Config.RootFS.DiffIDs[i], e.md, e.raw, e.ix)
 			}
 		}
 	}
-	var fallback []int
 	for i, err := range errs {
 		switch {
 		case unpackAll:
@@ -131,30 +188,10 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 			}
 			fallback = append(fallback, i)
 		default:
-			return nil, err
+			return nil, false, "", err
 		}
 	}
-	errs = make([]error, len(fallback))
-	forEach(ctx, len(fallback), downloadConcurrency, func(j int) {
-		i := fallback[j]
-		errs[j] = m.unpackLayer(ctx, r.Repository, layers[i], img.Config.RootFS.DiffIDs[i])
-	})
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	<-profileDone
-	rec.Profile, rec.Unprofiled = profile, unprofiled
-	if !lazy {
-		rec.Mode, rec.Reason = ModeUnpacked, reason
-	}
-	b, _ := json.MarshalIndent(rec, "", "  ")
-	if err := atomicfile.Write(imagePath(m.root, rec.Ref), b); err != nil {
-		return nil, err
-	}
-	return rec, nil
+	return fallback, lazy, reason, nil
 }
 
 // pullConcurrency bounds the layers whose mount and index requests are in
