@@ -121,34 +121,13 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 		return nil, fmt.Errorf("lease %s exists", id)
 	}
 	m.mu.Unlock()
-	// The layers are mounted at once (each mount reads its saved index and
-	// starts a FUSE server); a failure releases the ones that succeeded.
-	got := make([]*layer, len(img.Layers))
-	errs := make([]error, len(img.Layers))
-	prefetch := starting && m.opts.Profiles != ProfilesOff && img.Profile != nil
-	if prefetch {
-		m.starts.StartPack(remote.Repository{Registry: img.Registry, Name: img.Repo}, img.Profile, img.Layers, startup.Ready)
+	var profile *api.Profile // what the start prefetches
+	if starting && m.opts.Profiles != ProfilesOff && img.Profile != nil {
+		profile = img.Profile
+		m.starts.StartPack(remote.Repository{Registry: img.Registry, Name: img.Repo}, profile, img.Layers, startup.Ready)
 	}
-	forEach(ctx, len(img.Layers), pullConcurrency, func(i int) {
-		var p *api.Profile
-		if prefetch {
-			p = img.Profile
-		}
-		got[i], errs[i] = m.ref(ctx, img, img.Layers[i], p)
-	})
-	release := func() {
-		for _, l := range got {
-			if l != nil {
-				m.unref(l)
-			}
-		}
-	}
-	err := errors.Join(errs...)
-	if err == nil {
-		err = ctx.Err()
-	}
+	got, release, err := m.refLayers(ctx, img, profile)
 	if err != nil {
-		release()
 		return nil, err
 	}
 	lease := &Lease{ID: id, Ref: img.Ref, Image: img, PID: pid}
@@ -174,26 +153,64 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	m.leases[id] = lease
 	m.mu.Unlock()
 	if starting && union == "" {
-		record := img.Unprofiled && img.Profile == nil && m.opts.Profiles == ProfilesAuto
-		for _, l := range got {
-			// Only a start whose reads go into a profile, or come from one
-			// that is not on the node yet, fetches what readahead widens.
-			if record || prefetch && l.fs != nil && !l.fs.Cached(startup.ProfileFrames(img.Profile, l.digest, l.fs.Index().Data)) {
-				m.narrowReadahead(l)
-			}
-		}
-		if record {
-			var lazy []startup.Layer
-			for _, l := range got {
-				if l.fs != nil {
-					lazy = append(lazy, startup.Layer{Digest: l.digest, FS: l.fs})
-				}
-			}
-			target := startup.Target{Ref: img.Ref, Repo: remote.Repository{Registry: img.Registry, Name: img.Repo}, Manifest: img.Digest}
-			m.starts.Record(id, target, lazy)
-		}
+		m.beginStart(id, img, got, profile)
 	}
 	return lease, nil
+}
+
+// refLayers mounts the layers of img at once (each mount reads its saved
+// index and starts a FUSE server) and takes a reference on each; release
+// drops them. The layers' frames that profile lists are prefetched. A
+// failure releases the ones that succeeded.
+func (m *Manager) refLayers(ctx context.Context, img *Image, profile *api.Profile) (got []*layer, release func(), err error) {
+	got = make([]*layer, len(img.Layers))
+	errs := make([]error, len(img.Layers))
+	forEach(ctx, len(img.Layers), pullConcurrency, func(i int) {
+		got[i], errs[i] = m.ref(ctx, img, img.Layers[i], profile)
+	})
+	release = func() {
+		for _, l := range got {
+			if l != nil {
+				m.unref(l)
+			}
+		}
+	}
+	err = errors.Join(errs...)
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		release()
+		return nil, nil, err
+	}
+	return got, release, nil
+}
+
+// beginStart prepares the layers got of img for a container that starts
+// now (lease id): its reads are recorded into the image's start-up profile
+// when the registry has none; and the kernel's readahead is narrowed for a
+// start that records, or that prefetches a profile (profile) not on the
+// node yet.
+func (m *Manager) beginStart(id string, img *Image, got []*layer, profile *api.Profile) {
+	record := img.Unprofiled && img.Profile == nil && m.opts.Profiles == ProfilesAuto
+	for _, l := range got {
+		// Only a start whose reads go into a profile, or come from one
+		// that is not on the node yet, fetches what readahead widens.
+		if record || profile != nil && l.fs != nil && !l.fs.Cached(startup.ProfileFrames(profile, l.digest, l.fs.Index().Data)) {
+			m.narrowReadahead(l)
+		}
+	}
+	if !record {
+		return
+	}
+	var lazy []startup.Layer
+	for _, l := range got {
+		if l.fs != nil {
+			lazy = append(lazy, startup.Layer{Digest: l.digest, FS: l.fs})
+		}
+	}
+	target := startup.Target{Ref: img.Ref, Repo: remote.Repository{Registry: img.Registry, Name: img.Repo}, Manifest: img.Digest}
+	m.starts.Record(id, target, lazy)
 }
 
 func leaseFile(id string) string {
