@@ -124,7 +124,7 @@ func (m *Manager) acquire(ctx context.Context, id string, img *Image, union stri
 	var profile *api.Profile // what the start prefetches
 	if starting && m.opts.Profiles != ProfilesOff && img.Profile != nil {
 		profile = img.Profile
-		m.starts.StartPack(remote.Repository{Registry: img.Registry, Name: img.Repo}, profile, img.Layers, startup.Ready)
+		m.starts.StartPack(remote.Repository{Registry: img.Registry, Name: img.Repo}, profile, img.Layers, nil)
 	}
 	got, release, err := m.refLayers(ctx, img, profile)
 	if err != nil {

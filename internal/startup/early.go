@@ -127,7 +127,8 @@ func (s *Profiles) fetchEarly(repo remote.Repository, p *api.Profile, layers []o
 }
 
 // fetchChunks fetches chunks in order, in the background: a head of them
-// at once, the others once indexes is closed, earlyStreams at a time.
+// at once, the others once indexes is closed (nil: at once), earlyStreams
+// at a time.
 func (s *Profiles) fetchChunks(repo remote.Repository, chunks []*earlyChunk, indexes <-chan struct{}) {
 	go func() {
 		var head []*earlyChunk
@@ -140,9 +141,13 @@ func (s *Profiles) fetchChunks(repo remote.Repository, chunks []*earlyChunk, ind
 		for _, c := range head {
 			go s.fetchChunk(repo, c)
 		}
-		select {
-		case <-indexes:
-		case <-time.After(earlyGate):
+		if indexes != nil {
+			gate := time.NewTimer(earlyGate)
+			select {
+			case <-indexes:
+			case <-gate.C:
+			}
+			gate.Stop()
 		}
 		queue := make(chan *earlyChunk, len(chunks))
 		for _, c := range chunks {

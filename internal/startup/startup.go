@@ -117,19 +117,12 @@ func (s *Profiles) Fetch(ctx context.Context, repo remote.Repository, md digest.
 // Begin starts fetching what profile p lists for the layers of an image
 // in repo: its start-up pack when it has a valid one, else its frames.
 // Beyond a head, the requests wait for indexes to be closed (the image's
-// indexes are in; Ready when they are).
+// indexes are in; nil when they are).
 func (s *Profiles) Begin(repo remote.Repository, p *api.Profile, layers []ocispec.Descriptor, indexes <-chan struct{}) {
 	if !s.StartPack(repo, p, layers, indexes) {
 		s.fetchEarly(repo, p, layers, indexes)
 	}
 }
-
-// Ready is a closed channel: Begin's requests need not wait.
-var Ready <-chan struct{} = func() chan struct{} {
-	c := make(chan struct{})
-	close(c)
-	return c
-}()
 
 // Frames returns the frames of profile p to prefetch for the layer whose
 // digest and data blob are layer and data, mounted from repo: none when a
