@@ -172,35 +172,22 @@ type earlyItem struct {
 }
 
 // cutChunks orders items by rank and cuts them into the requests of an
-// early fetch, in the order they go out: each holds frames of one blob, at
-// most earlyChunkMax bytes of them (or one frame), none read more than
-// earlyStale bytes after the chunk's first.
+// early fetch, in the order they go out (frames.Batches): each holds
+// frames of one blob, at most earlyChunkMax bytes of them (or one frame),
+// none read more than earlyStale bytes after the chunk's first.
 func cutChunks(items []earlyItem) []*earlyChunk {
-	items = slices.Clone(items)
-	slices.SortStableFunc(items, func(a, b earlyItem) int { return a.rank - b.rank })
-	var chunks []*earlyChunk
-	open := map[digest.Digest]*earlyChunk{}
-	starts := map[*earlyChunk]int64{}
-	var at int64
+	wants := make([]frames.Want, len(items))
 	for i, it := range items {
-		c := open[it.blob]
-		if c != nil && (c.bytes+it.p.Len > earlyChunkMax || at-starts[c] > earlyStale) {
-			chunks = append(chunks, c)
-			c = nil
-		}
-		if c == nil {
-			c = &earlyChunk{blob: it.blob, first: i}
-			open[it.blob] = c
-			starts[c] = at
-		}
-		c.pieces = append(c.pieces, it.p)
-		c.bytes += it.p.Len
-		at += it.p.Len
+		wants[i] = frames.Want{Blob: it.blob, Span: it.p.Span, Rank: it.rank}
 	}
-	for _, c := range open {
+	var chunks []*earlyChunk
+	for _, b := range frames.Batches(wants, earlyChunkMax, earlyStale) {
+		c := &earlyChunk{blob: b.Blob, first: b.First, bytes: b.Bytes}
+		for _, i := range b.Wants {
+			c.pieces = append(c.pieces, items[i].p)
+		}
 		chunks = append(chunks, c)
 	}
-	slices.SortFunc(chunks, func(a, b *earlyChunk) int { return a.first - b.first })
 	return chunks
 }
 
