@@ -29,6 +29,7 @@ import (
 //	<dir>/<id>/rootfs/       the union mount (overlay: image layers + upper)
 //	<dir>/<id>/upper, work/  the container's writable layer
 //	<dir>/<id>/log           stdout and stderr of a detached container
+//	<dir>/<id>/runc.log      runc's own log (JSON) of the container's start
 //
 // runc's own state lives in <dir>/../runc (its --root).
 type Containers struct {
@@ -116,10 +117,13 @@ type Stdio struct {
 }
 
 // Run runs container id in the foreground and returns its exit code.
-// Signals the calling process receives are passed to the container.
+// Signals the calling process receives are passed to the container. When
+// runc cannot start the container's command, Run returns a *StartError.
 func (c Containers) Run(ctx context.Context, id string, stdio Stdio) (int, error) {
-	cmd := exec.Command(c.runc(), "--root", c.runcRoot(), "run", "--bundle", filepath.Join(c.Dir, id), id)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio.In, stdio.Out, stdio.Err
+	log := c.runcLog(id)
+	os.Remove(log)
+	cmd := exec.Command(c.runc(), c.runcArgs(log, "run", "--bundle", filepath.Join(c.Dir, id), id)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdio.In, stdio.Out, &runcStderr{w: stdio.Err, log: log}
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
 	defer signal.Stop(sigs)
@@ -145,6 +149,11 @@ func (c Containers) Run(ctx context.Context, id string, stdio Stdio) (int, error
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 			return 128 + int(ws.Signal()), nil
 		}
+		// runc exits 1 when it fails itself, and logs why; a container's
+		// own exit status leaves no error in runc's log.
+		if msgs := runcLogErrors(log); ee.ExitCode() == 1 && len(msgs) > 0 {
+			return 0, startError(msgs[len(msgs)-1])
+		}
 		return ee.ExitCode(), nil
 	}
 	if err != nil {
@@ -153,21 +162,35 @@ func (c Containers) Run(ctx context.Context, id string, stdio Stdio) (int, error
 	return 0, nil
 }
 
-// Start runs container id detached; its output goes to its log file.
+// Start runs container id detached; its output goes to its log file. When
+// runc cannot start the container's command, Start returns a *StartError.
 func (c Containers) Start(ctx context.Context, id string) error {
 	logf, err := os.OpenFile(filepath.Join(c.Dir, id, "log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.CommandContext(ctx, c.runc(), "--root", c.runcRoot(), "run", "--detach", "--bundle", filepath.Join(c.Dir, id), id)
+	log := c.runcLog(id)
+	os.Remove(log)
+	cmd := exec.CommandContext(ctx, c.runc(), c.runcArgs(log, "run", "--detach", "--bundle", filepath.Join(c.Dir, id), id)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Run(); err != nil {
+		if msgs := runcLogErrors(log); len(msgs) > 0 {
+			return startError(msgs[len(msgs)-1])
+		}
 		b, _ := os.ReadFile(filepath.Join(c.Dir, id, "log"))
 		return fmt.Errorf("runc run --detach: %w: %s", err, lastLine(string(b)))
 	}
 	return nil
+}
+
+// runcLog is where runc logs (JSON) what it does for container id.
+func (c Containers) runcLog(id string) string { return filepath.Join(c.Dir, id, "runc.log") }
+
+// runcArgs are runc's global flags, then args.
+func (c Containers) runcArgs(log string, args ...string) []string {
+	return append([]string{"--root", c.runcRoot(), "--log", log, "--log-format", "json"}, args...)
 }
 
 func lastLine(s string) string {
