@@ -81,6 +81,8 @@ type Service struct {
 	// finished is closed and replaced whenever an expansion attempt ends,
 	// waking mount requests that wait for one.
 	finished chan struct{}
+	// packing holds a token while a start-up pack is made: one at a time.
+	packing chan struct{}
 }
 
 // job is a queued layer and who is waiting for it.
@@ -113,6 +115,7 @@ func New(st *store.Store, opts Options) (*Service, error) {
 		inflight: map[digest.Digest]bool{},
 		queue:    make(chan digest.Digest, 1<<16),
 		finished: make(chan struct{}),
+		packing:  make(chan struct{}, 1),
 	}, nil
 }
 

@@ -20,9 +20,6 @@ import (
 	"github.com/strata-oci/strata/layerindex"
 )
 
-// packSem makes one pack at a time.
-var packSem = make(chan struct{}, 1)
-
 // A packPage is one page range of a profile, with its layer and rank, and
 // (i) where its bytes go in the pack's uncompressed content.
 type packPage struct {
@@ -104,8 +101,8 @@ func (s *Service) buildPack(ctx context.Context, repo string, p *api.Profile, ix
 
 	// One pack at a time, for as long as the request waits.
 	select {
-	case packSem <- struct{}{}:
-		defer func() { <-packSem }()
+	case s.packing <- struct{}{}:
+		defer func() { <-s.packing }()
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
