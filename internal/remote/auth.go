@@ -225,9 +225,19 @@ type token struct {
 // authState is what a client learned about registries' authentication:
 // each host's challenge and the bearer tokens it was given, per scope.
 type authState struct {
+	// now is the clock token lifetimes are measured by; nil is time.Now.
+	now func() time.Time
+
 	mu         sync.Mutex
 	challenges map[string]challenge // by registry
 	tokens     map[string]token     // by registry + " " + scope
+}
+
+func (a *authState) clock() time.Time {
+	if a.now != nil {
+		return a.now()
+	}
+	return time.Now()
 }
 
 func (a *authState) challenge(registry string) (challenge, bool) {
@@ -250,7 +260,7 @@ func (a *authState) token(registry, scope string) (string, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	t, ok := a.tokens[registry+" "+scope]
-	if !ok || !time.Now().Before(t.expires) {
+	if !ok || !a.clock().Before(t.expires) {
 		return "", false
 	}
 	return t.value, true
@@ -325,7 +335,7 @@ func (c *Client) fetchToken(ctx context.Context, registry string, ch challenge, 
 		}
 	}
 	req.Header.Set("User-Agent", c.userAgent)
-	sent := time.Now()
+	sent := c.auth.clock()
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return token{}, err

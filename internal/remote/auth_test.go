@@ -241,6 +241,14 @@ func TestBearerReauth(t *testing.T) {
 	front, unauthorized := bearerFront(t, ts, reg)
 	host := hostOf(front)
 	c := newClient(t, remote.Options{})
+	// The client's clock for token lifetimes, moved by hand below.
+	var clockMu sync.Mutex
+	now := time.Now()
+	remote.SetTokenClock(c, func() time.Time {
+		clockMu.Lock()
+		defer clockMu.Unlock()
+		return now
+	})
 	ref := parseRef(t, host+"/team/app:v1")
 	resolve := func() error { _, err := c.Resolve(context.Background(), ref); return err }
 
@@ -267,7 +275,9 @@ func TestBearerReauth(t *testing.T) {
 	if err := resolve(); err != nil { // 401, a token for 1s
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	clockMu.Lock()
+	now = now.Add(time.Second)
+	clockMu.Unlock()
 	n, before := len(ts.reqs()), unauthorized.Load()
 	if err := resolve(); err != nil {
 		t.Fatal(err)
