@@ -22,7 +22,7 @@ import (
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/bench/report"
-	"github.com/strata-oci/strata/internal/node"
+	"github.com/strata-oci/strata/internal/nodeapi"
 )
 
 // sampleTimeout bounds one measured start, however slow the link.
@@ -200,7 +200,7 @@ type background struct {
 func (e *env) waitBackground(ctx context.Context, root string) (background, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	c, err := node.Dial(ctx, root, nil)
+	c, err := nodeapi.Dial(ctx, root, nil)
 	if err != nil {
 		return background{}, fmt.Errorf("node daemon: %w", err)
 	}

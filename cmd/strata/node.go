@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/strata-oci/strata/internal/node"
+	"github.com/strata-oci/strata/internal/nodeapi"
 	"github.com/strata-oci/strata/internal/remote"
 )
 
@@ -45,8 +46,8 @@ func (g *globalFlags) daemonArgs() []string {
 	return []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles, "daemon"}
 }
 
-func (g *globalFlags) dial(cmd *cobra.Command) (*node.Client, error) {
-	return node.Dial(cmd.Context(), g.root, g.daemonArgs())
+func (g *globalFlags) dial(cmd *cobra.Command) (*nodeapi.Client, error) {
+	return nodeapi.Dial(cmd.Context(), g.root, g.daemonArgs())
 }
 
 func newDaemonCmd(g *globalFlags) *cobra.Command {
@@ -67,6 +68,12 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 				return fmt.Errorf("--startup-profiles: %q is not auto, use or off", g.profiles)
 			}
 			log := g.logger()
+			// One daemon per root: wait for one that is exiting.
+			unlock, err := nodeapi.Lock(cmd.Context(), g.root, time.Minute)
+			if err != nil {
+				return err
+			}
+			defer unlock()
 			m, err := node.Open(cmd.Context(), node.Options{
 				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout, Profiles: g.profiles,
 				Linger: linger,
@@ -75,7 +82,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return node.Serve(cmd.Context(), m, node.ServeOptions{IdleTimeout: idle})
+			return nodeapi.Serve(cmd.Context(), m, nodeapi.ServeOptions{Root: g.root, IdleTimeout: idle, Logger: log})
 		},
 	}
 	cmd.Flags().DurationVar(&idle, "idle-timeout", 30*time.Second, "exit after this long with nothing mounted (0: never)")
@@ -96,7 +103,7 @@ func newPullCmd(g *globalFlags) *cobra.Command {
 			}
 			var img *node.Image
 			err = withProgress(cmd.Context(), c, func() (err error) {
-				img, err = c.Pull(cmd.Context(), args[0], plain)
+				img, err = c.Pull(cmd.Context(), nodeapi.PullRequest{Ref: args[0], PlainHTTP: plain})
 				return err
 			})
 			if err != nil {
@@ -135,7 +142,7 @@ func newMountCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			l, err := c.Acquire(cmd.Context(), "mount:"+dir, args[0], plain, dir, 0)
+			l, err := c.Acquire(cmd.Context(), nodeapi.AcquireRequest{ID: "mount:" + dir, Ref: args[0], PlainHTTP: plain, Union: dir})
 			if err != nil {
 				return err
 			}
@@ -157,11 +164,11 @@ func newUmountCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := node.Dial(cmd.Context(), g.root, nil)
+			c, err := nodeapi.Dial(cmd.Context(), g.root, nil)
 			if err != nil {
 				return fmt.Errorf("%s is not mounted (%v)", dir, err)
 			}
-			return c.Unmount(cmd.Context(), dir)
+			return c.Unmount(cmd.Context(), nodeapi.UnmountRequest{Dir: dir})
 		},
 	}
 }

@@ -7,9 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/strata-oci/strata/internal/nodeapi"
 	"golang.org/x/sys/unix"
-
-	"github.com/strata-oci/strata/internal/node"
 )
 
 func isTerminal(f *os.File) bool {
@@ -19,7 +18,7 @@ func isTerminal(f *os.File) bool {
 
 // withProgress runs fn and, when stderr is a terminal, draws a progress bar
 // of the daemon's fallback downloads meanwhile.
-func withProgress(ctx context.Context, c *node.Client, fn func() error) error {
+func withProgress(ctx context.Context, c *nodeapi.Client, fn func() error) error {
 	if !isTerminal(os.Stderr) {
 		return fn()
 	}

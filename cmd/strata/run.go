@@ -14,6 +14,7 @@ import (
 
 	"github.com/strata-oci/strata/internal/container"
 	"github.com/strata-oci/strata/internal/node"
+	"github.com/strata-oci/strata/internal/nodeapi"
 )
 
 func (g *globalFlags) containers() container.Containers {
@@ -52,7 +53,7 @@ func newRunCmd(g *globalFlags) *cobra.Command {
 			start := time.Now()
 			var lease *node.Lease
 			err = withProgress(ctx, c, func() (err error) {
-				lease, err = c.Acquire(ctx, leaseID(id), args[0], plain, "", 0)
+				lease, err = c.Acquire(ctx, nodeapi.AcquireRequest{ID: leaseID(id), Ref: args[0], PlainHTTP: plain})
 				return err
 			})
 			if err != nil {

@@ -95,6 +95,3 @@ func (m *Manager) Busy() bool { return m.completing() }
 // Hosts is how the node reaches registries; a request that asks for plain
 // HTTP marks its registry here.
 func (m *Manager) Hosts() *remote.Hosts { return m.client.Hosts() }
-
-// Root is the node's state directory.
-func (m *Manager) Root() string { return m.root }

@@ -1,19 +1,28 @@
 // Package node is the node's layer mount manager: it resolves images, asks
 // the registry for layer mounts, mounts each expanded layer once (FUSE,
-// shared, refcounted), falls back to pulling and unpacking layers from
-// registries without layer mounts, and holds the leases that keep layers
-// mounted while containers and union mounts use them.
+// shared, refcounted, lingering a while after its last user), falls back to
+// pulling and unpacking layers from registries without layer mounts, and
+// holds the leases that keep layers mounted while containers and union
+// mounts use them, restoring them after a crash.
+//
+// One file per concept: images (image.go), pulls (pull.go), the saved
+// indexes (index.go), leases and restore (lease.go), shared layer mounts
+// (layer.go), and the Mounter seam through which every mount is made
+// (mount.go). Start-up profiles are package startup's; the daemon that
+// serves a Manager to the CLI is package nodeapi's.
 //
 // State under the node root:
 //
 //	<root>/
-//	  cache/                       the verified content cache (package cache)
-//	  layers/<alg>-<hex>/index     a layer's index blob, verified, bound to the layer digest
-//	  layers/<alg>-<hex>/mnt/      the layer's FUSE mount point (while mounted)
-//	  layers/<alg>-<hex>/fs/       a fallback layer's unpacked tree
-//	  images/<hash of ref>.json    a pulled image: reference, digest, config, layers, mode
-//	  leases/<id>.json             what holds layers mounted: a container or a union mount
-//	  strata.sock, daemon.pid      the node daemon (package node's Serve)
+//	  cache/                          the verified content cache (package cache)
+//	  layers/<alg>-<hex>/index        a layer's index blob, verified against mount.json
+//	  layers/<alg>-<hex>/mount.json   its mount descriptor, bound to the layer digest and diff ID
+//	  layers/<alg>-<hex>/fetched      bytes fetched by earlier mounts (strata df)
+//	  layers/<alg>-<hex>/mnt/         the layer's FUSE mount point (while mounted)
+//	  layers/<alg>-<hex>/fs/          a fallback layer's unpacked tree (unpacked: done)
+//	  images/<hash of ref>.json       a pulled image: reference, digest, config, layers, mode
+//	  leases/<hash of id>.json        what holds layers mounted: a container or a union mount
+//	  strata.sock, daemon.pid         the node daemon (package nodeapi)
 package node
 
 import (
