@@ -1,7 +1,6 @@
 package layerfs
 
 import (
-	"cmp"
 	"container/list"
 	"context"
 	"errors"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/strata-oci/strata/internal/cache"
+	"github.com/strata-oci/strata/internal/frames"
 	"github.com/strata-oci/strata/layerindex"
 )
 
@@ -26,12 +26,13 @@ import (
 // Flights started together fetch their missing frames with one ranged read
 // per run of adjacent frames.
 type fetcher struct {
-	ix    *layerindex.Index
-	src   Source
-	cache *cache.Cache // nil: no disk cache
-	opts  *Options
-	log   *slog.Logger
-	st    *counters
+	ix     *layerindex.Index
+	src    Source
+	reader *frames.Reader // of src, with its retries
+	cache  *cache.Cache   // nil: no disk cache
+	opts   *Options
+	log    *slog.Logger
+	st     *counters
 
 	mu       sync.Mutex
 	mem      memLRU
@@ -57,7 +58,7 @@ type recording struct {
 	order []int
 	seq   []uint64
 
-	read    intervals
+	read    frames.Set
 	pages   [][2]int64
 	pageSeq []uint64
 }
@@ -98,7 +99,13 @@ type flight struct {
 
 func newFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts *Options, st *counters) *fetcher {
 	base, cancel := context.WithCancel(context.Background())
+	log := opts.Logger
+	reader := &frames.Reader{Source: src, Attempts: opts.Attempts, AttemptTimeout: opts.AttemptTimeout,
+		OnRetry: func(s frames.Span, attempt int, err error) {
+			log.Warn("layerfs: reading data blob failed, retrying", "offset", s.Off, "length", s.Len, "attempt", attempt, "err", err)
+		}}
 	return &fetcher{
+		reader:   reader,
 		base:     base,
 		cancel:   cancel,
 		ix:       ix,
@@ -182,9 +189,9 @@ func (f *fetcher) widen(ks []int) []int {
 		return ks // reads of cached frames are not widened
 	}
 	fs := f.ix.Frames
-	lo := fs[ks[0]].UOffset / w * w
-	hi := (fs[ks[len(ks)-1]].UOffset/w + 1) * w
-	first, last := f.ix.FramesFor(lo, hi-lo)
+	win := frames.MissWindow(fs, ks[0], ks[len(ks)-1], w)
+	lo := win.Off
+	first, last := f.ix.FramesFor(win.Off, win.Len)
 	if first > last {
 		return ks
 	}
@@ -270,24 +277,9 @@ func (f *fetcher) prefetchList(ks []int) {
 		}
 	}
 	slices.Sort(want)
-	var mine []int
-	for i, k := range want {
-		if i > 0 {
-			prev := want[i-1]
-			var gap int64
-			ok := k-prev > 1
-			for g := prev + 1; g < k && ok; g++ {
-				gap += f.ix.Frames[g].CSize
-				ok = gap <= f.opts.PrefetchGap && missing(g)
-			}
-			if ok {
-				for g := prev + 1; g < k; g++ {
-					rank[g] = rank[k]
-					mine = append(mine, g)
-				}
-			}
-		}
-		mine = append(mine, k)
+	mine, taken := frames.Bridge(f.ix.Frames, want, f.opts.PrefetchGap, missing)
+	for g, k := range taken {
+		rank[g] = rank[k]
 	}
 	for _, k := range mine {
 		f.inflight[k] = &flight{done: make(chan struct{})}
@@ -324,15 +316,8 @@ func (f *fetcher) prefetchList(ks []int) {
 		}
 		return
 	}
-	pieces := runs(f.ix.Frames, mine, prefetchPiece)
-	first := func(run []int) int {
-		r := len(rank)
-		for _, k := range run {
-			r = min(r, rank[k])
-		}
-		return r
-	}
-	slices.SortStableFunc(pieces, func(a, b []int) int { return first(a) - first(b) })
+	pieces := frames.Runs(f.ix.Frames, mine, prefetchPiece)
+	frames.ByRank(pieces, rank)
 	queue := make(chan []int, len(pieces))
 	for _, p := range pieces {
 		queue <- p
@@ -427,12 +412,12 @@ func (f *fetcher) notePages(off, n int64) {
 	if r == nil || n <= 0 {
 		return
 	}
-	for _, g := range r.read.add(off, off+n) {
-		if k := len(r.pages) - 1; k >= 0 && r.pages[k][0]+r.pages[k][1] == g[0] {
-			r.pages[k][1] += g[1] - g[0]
+	for _, g := range r.read.Add(frames.Span{Off: off, Len: n}) {
+		if k := len(r.pages) - 1; k >= 0 && r.pages[k][0]+r.pages[k][1] == g.Off {
+			r.pages[k][1] += g.Len
 			continue
 		}
-		r.pages = append(r.pages, [2]int64{g[0], g[1] - g[0]})
+		r.pages = append(r.pages, [2]int64{g.Off, g.Len})
 		r.pageSeq = append(r.pageSeq, readSeq.Add(1))
 	}
 }
@@ -442,35 +427,6 @@ func (f *fetcher) recording() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.rec != nil
-}
-
-// An intervals is a set of byte ranges [lo, hi): sorted, neither
-// overlapping nor touching.
-type intervals [][2]int64
-
-// add adds [lo, hi) to the set and returns the parts of it that were not
-// in the set, in order.
-func (s *intervals) add(lo, hi int64) (gaps [][2]int64) {
-	iv := *s
-	i, _ := slices.BinarySearchFunc(iv, lo, func(x [2]int64, lo int64) int { return cmp.Compare(x[1], lo) })
-	// iv[i] is the first interval ending at or after lo.
-	j := i
-	at := lo
-	for ; j < len(iv) && iv[j][0] <= hi; j++ {
-		if iv[j][0] > at {
-			gaps = append(gaps, [2]int64{at, iv[j][0]})
-		}
-		at = max(at, iv[j][1])
-	}
-	if at < hi {
-		gaps = append(gaps, [2]int64{at, hi})
-	}
-	merged := [2]int64{lo, hi}
-	if i < j {
-		merged = [2]int64{min(lo, iv[i][0]), max(hi, iv[j-1][1])}
-	}
-	*s = slices.Replace(iv, i, j, merged)
-	return gaps
 }
 
 // prefetch starts flights for the frames first to last that are not in
@@ -539,27 +495,9 @@ func (f *fetcher) fill(ks []int) {
 		}
 		need = append(need, k)
 	}
-	for _, run := range runs(f.ix.Frames, need, f.opts.MaxFetchBytes) {
+	for _, run := range frames.Runs(f.ix.Frames, need, f.opts.MaxFetchBytes) {
 		f.fetchRun(ctx, run)
 	}
-}
-
-// runs groups the frames ks, in increasing order, into the runs that are
-// read with one request each: adjacent frames, at most maxBytes of them
-// (but at least one frame).
-func runs(frames []layerindex.Frame, ks []int, maxBytes int64) [][]int {
-	var out [][]int
-	for len(ks) > 0 {
-		n := 1
-		size := frames[ks[0]].CSize
-		for n < len(ks) && ks[n] == ks[n-1]+1 && size+frames[ks[n]].CSize <= maxBytes {
-			size += frames[ks[n]].CSize
-			n++
-		}
-		out = append(out, ks[:n:n])
-		ks = ks[n:]
-	}
-	return out
 }
 
 func (f *fetcher) fromCache(ctx context.Context, k int) ([]byte, bool) {
@@ -646,58 +584,17 @@ func (f *fetcher) finish(k int, data []byte, err error) {
 	close(fl.done)
 }
 
-// readRange reads bytes [off, off+n) of the data blob, retrying failed
-// attempts with a growing pause until Options.Attempts attempts failed or
-// ctx is done.
+// readRange reads bytes [off, off+n) of the data blob (frames.Reader:
+// bounded attempts, each bounded in time).
 func (f *fetcher) readRange(ctx context.Context, off, n int64) ([]byte, error) {
-	pause := 50 * time.Millisecond
-	for attempt := 1; ; attempt++ {
-		b, err := f.attempt(ctx, off, n)
-		if err == nil {
-			f.st.requests.Add(1)
-			f.st.fetchedBytes.Add(n)
-			return b, nil
-		}
-		f.st.sourceErrors.Add(1)
-		if attempt >= f.opts.Attempts || ctx.Err() != nil {
-			return nil, fmt.Errorf("read data blob bytes %d-%d: %d attempts: %w", off, off+n-1, attempt, err)
-		}
-		f.log.Warn("layerfs: reading data blob failed, retrying", "offset", off, "length", n, "attempt", attempt, "err", err)
-		t := time.NewTimer(pause)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, fmt.Errorf("read data blob bytes %d-%d: %d attempts: %w", off, off+n-1, attempt, err)
-		}
-		pause = min(2*pause, time.Second)
+	b, failed, err := f.reader.Read(ctx, frames.Span{Off: off, Len: n})
+	f.st.sourceErrors.Add(int64(failed))
+	if err != nil {
+		return nil, err
 	}
-}
-
-// attempt makes one request, bounded by Options.AttemptTimeout even when
-// the source does not honour its context: a request that overstays is
-// abandoned.
-func (f *fetcher) attempt(ctx context.Context, off, n int64) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, f.opts.AttemptTimeout)
-	defer cancel()
-	type result struct {
-		b   []byte
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		b, err := f.src.ReadAt(ctx, off, n)
-		ch <- result{b, err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err == nil && int64(len(r.b)) != n {
-			r.err = fmt.Errorf("source returned %d bytes, want %d", len(r.b), n)
-		}
-		return r.b, r.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	f.st.requests.Add(1)
+	f.st.fetchedBytes.Add(n)
+	return b, nil
 }
 
 // memLRU keeps decompressed frames, bounded in bytes; it always keeps the

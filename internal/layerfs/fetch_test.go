@@ -12,31 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-cmp/cmp"
-
 	"github.com/strata-oci/strata/internal/cache"
 	"github.com/strata-oci/strata/layerindex"
 )
-
-func TestRuns(t *testing.T) {
-	frames := []layerindex.Frame{{CSize: 10}, {CSize: 10}, {CSize: 10}, {CSize: 25}, {CSize: 10}, {CSize: 10}}
-	tests := []struct {
-		ks   []int
-		max  int64
-		want [][]int
-	}{
-		{[]int{0, 1, 2}, 100, [][]int{{0, 1, 2}}},
-		{[]int{0, 2, 4, 5}, 100, [][]int{{0}, {2}, {4, 5}}},
-		{[]int{0, 1, 2, 3, 4, 5}, 30, [][]int{{0, 1, 2}, {3}, {4, 5}}},
-		{[]int{3}, 5, [][]int{{3}}}, // one frame always goes, whatever its size
-		{nil, 10, nil},
-	}
-	for _, tc := range tests {
-		if diff := cmp.Diff(tc.want, runs(frames, tc.ks, tc.max)); diff != "" {
-			t.Errorf("runs(%v, %d) (-want +got):\n%s", tc.ks, tc.max, diff)
-		}
-	}
-}
 
 // countingSource serves data, counting requests, after an optional delay.
 type countingSource struct {

@@ -40,15 +40,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-oci/strata/internal/cache"
+	"github.com/strata-oci/strata/internal/frames"
 	"github.com/strata-oci/strata/layerindex"
 )
 
 // A Source reads the data blob of the layer, typically with ranged GETs
-// from a registry. ReadAt returns exactly bytes [off, off+n) of the blob,
-// or an error. It may be called concurrently.
-type Source interface {
-	ReadAt(ctx context.Context, off, n int64) ([]byte, error)
-}
+// from a registry (frames.Source). ReadAt returns exactly bytes [off,
+// off+n) of the blob, or an error. It may be called concurrently.
+type Source = frames.Source
 
 // A PendingSource is a Source that knows which bytes are on their way to
 // it already (fetched ahead, from a start-up profile): reading them costs

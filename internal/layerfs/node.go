@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/strata-oci/strata/internal/cache"
+	"github.com/strata-oci/strata/internal/frames"
 	"github.com/strata-oci/strata/layerindex"
 )
 
@@ -429,11 +430,7 @@ func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 		// Sequential: prefetch the next frames of this file.
 		_, last := f.ix.FramesFor(e.Offset+off, int64(len(b)))
 		_, fileLast := f.ix.FramesFor(e.Offset, e.Size)
-		if last < fileLast {
-			until, _ := f.ix.FramesFor(f.ix.Frames[last].UOffset+f.ix.Frames[last].USize+f.opts.Readahead-1, 1)
-			if until < 0 || until > fileLast {
-				until = fileLast
-			}
+		if until := frames.Readahead(f.ix, last, fileLast, f.opts.Readahead); until > last {
 			f.fetch.prefetch(last+1, until)
 		}
 	}
