@@ -52,6 +52,7 @@ type Completer struct {
 	done   chan struct{}
 
 	files, bytes, fetched, failed atomic.Int64
+	heldBack, declined            atomic.Int64
 }
 
 type completion struct {
@@ -133,6 +134,11 @@ type CompleterStats struct {
 	Bytes   int64 `json:"bytes"`   // their size
 	Fetched int64 `json:"fetched"` // compressed bytes fetched from sources for them
 	Failed  int64 `json:"failed"`  // completions that failed
+	// HeldBack counts the times a quiet node was not used because a
+	// start-up profile was being recorded; Declined the files not queued
+	// because their completion failed less than 10 minutes before.
+	HeldBack int64 `json:"heldBack"`
+	Declined int64 `json:"declined"`
 }
 
 // Stats returns the counters.
@@ -140,7 +146,8 @@ func (c *Completer) Stats() CompleterStats {
 	c.mu.Lock()
 	n := len(c.queued)
 	c.mu.Unlock()
-	return CompleterStats{Pending: n, Files: c.files.Load(), Bytes: c.bytes.Load(), Fetched: c.fetched.Load(), Failed: c.failed.Load()}
+	return CompleterStats{Pending: n, Files: c.files.Load(), Bytes: c.bytes.Load(), Fetched: c.fetched.Load(), Failed: c.failed.Load(),
+		HeldBack: c.heldBack.Load(), Declined: c.declined.Load()}
 }
 
 // Idle returns a channel closed once nothing is queued or in progress.
@@ -168,6 +175,7 @@ func (c *Completer) add(f *FS, e *layerindex.Entry) {
 	}
 	if at, ok := c.failedAt[e.Digest]; ok {
 		if time.Since(at) < retryAfter {
+			c.declined.Add(1)
 			return
 		}
 		delete(c.failedAt, e.Digest)
@@ -250,8 +258,11 @@ func (c *Completer) run() {
 func (c *Completer) waitQuiet(ctx context.Context) error {
 	for {
 		idle := time.Since(time.Unix(0, c.busy.Load()))
-		if idle >= c.quiet && c.recording.Load() == 0 {
-			return nil
+		if idle >= c.quiet {
+			if c.recording.Load() == 0 {
+				return nil
+			}
+			c.heldBack.Add(1)
 		}
 		t := time.NewTimer(max(c.quiet-idle, c.quiet/4))
 		select {

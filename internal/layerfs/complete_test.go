@@ -109,7 +109,9 @@ func TestCompleter(t *testing.T) {
 	// recording must see the reads.
 	f.StartRecording()
 	readSome(t, filepath.Join(dir, "lib.so"), 0, 4096)
-	time.Sleep(time.Second)
+	waitFor(t, "lib.so handed to the completer", func() bool { return comp.Stats().Pending >= 1 })
+	held := comp.Stats().HeldBack
+	waitFor(t, "the completer to find the node quiet and held back", func() bool { return comp.Stats().HeldBack >= held+2 })
 	if st := comp.Stats(); st.Files != 1 {
 		t.Fatalf("completer stats %+v: a file was completed during a recording", st)
 	}
@@ -133,8 +135,9 @@ func TestCompleter(t *testing.T) {
 	if got := readFile(t, filepath.Join(dir, "bad.bin")); !bytes.Equal(got, bad) {
 		t.Error("bad.bin: wrong content after a failed completion")
 	}
-	// ... and does not try it again at once.
-	time.Sleep(time.Second)
+	// ... and does not try it again at once: the close of that read hands
+	// it over, and it is declined.
+	waitFor(t, "the failed file to be declined", func() bool { return comp.Stats().Declined >= 1 })
 	if st := comp.Stats(); st.Failed != 1 || st.Pending != 0 || c.Contains(digest.FromBytes(bad)) {
 		t.Errorf("completer stats %+v: a failed file was tried again at once", st)
 	}
