@@ -1,18 +1,12 @@
 package integration
 
 import (
-	"archive/tar"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-
-	"github.com/strata-oci/strata/internal/ocilayout"
-	"github.com/strata-oci/strata/internal/testenv"
 )
 
 // TestRunConcurrentFreshNode starts 20 containers at once on a fresh node,
@@ -21,25 +15,7 @@ import (
 // failed with "connection refused" or "node daemon exited at start").
 func TestRunConcurrentFreshNode(t *testing.T) {
 	requireRun(t)
-	busybox, err := os.ReadFile("/bin/busybox")
-	if err != nil {
-		testenv.Unavailable(t, "busybox-static is not installed")
-	}
-	tr, err := ocilayout.Tar([]ocilayout.Entry{
-		{Name: "bin/", Type: tar.TypeDir},
-		{Name: "bin/busybox", Content: busybox, Mode: 0o755},
-		{Name: "bin/sh", Type: tar.TypeSymlink, Linkname: "busybox"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	layout := filepath.Join(t.TempDir(), "oci")
-	if _, err := ocilayout.Write(layout, "latest", ocilayout.Image{Layers: []ocilayout.Layer{ocilayout.GzipLayer(tr)}, Config: ocispec.ImageConfig{Cmd: []string{"/bin/sh"}}}); err != nil {
-		t.Fatal(err)
-	}
-	reg := startRegistry(t)
-	ref := reg.Addr + "/busy/box:latest"
-	pushLayout(t, layout, "latest", ref)
+	ref := busyboxImage(t, startRegistry(t))
 
 	const tries, runs = 3, 20
 	for try := range tries {

@@ -3,9 +3,7 @@ package startup
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"slices"
-	"strings"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -49,39 +47,6 @@ func TestEarlyBlobRead(t *testing.T) {
 	cancel()
 	if _, ok := (&earlyBlob{pieces: []*earlyPiece{slow}}).read(ctx, frames.Span{Len: 10}); ok {
 		t.Error("a cancelled reader got bytes of an unfinished piece")
-	}
-}
-
-func TestCutChunks(t *testing.T) {
-	a, b := digest.FromString("a"), digest.FromString("b")
-	item := func(blob digest.Digest, off, n int64, rank int) earlyItem {
-		return earlyItem{blob: blob, p: &earlyPiece{Span: frames.Span{Off: off, Len: n}}, rank: rank}
-	}
-	const k = 64 << 10
-	items := []earlyItem{
-		item(a, 0, k, 3), item(b, 0, k, 1), item(a, 10*k, k, 0), item(a, 5*k, k, 2),
-		item(a, 20*k, k, 4), item(a, 30*k, k, 5), item(a, 40*k, k, 6), // chunk of a full at 4 frames
-		item(b, 50*k, 2*earlyChunkMax, 7), // larger than a chunk: alone
-		item(b, 60*k, k, 8),
-	}
-	var got []string
-	for _, c := range cutChunks(items) {
-		s := fmt.Sprintf("%s@%d:", c.blob.Encoded()[:4], c.first)
-		for _, p := range c.pieces {
-			s += fmt.Sprintf(" %d", p.Off/k)
-		}
-		got = append(got, s)
-	}
-	ea, eb := a.Encoded()[:4], b.Encoded()[:4]
-	want := []string{
-		ea + "@0: 10 5 0 20", // first-read first, within the chunk too
-		eb + "@1: 0",
-		ea + "@5: 30 40",
-		eb + "@7: 50",
-		eb + "@8: 60",
-	}
-	if !slices.Equal(got, want) {
-		t.Errorf("chunks\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
 
