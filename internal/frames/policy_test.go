@@ -3,6 +3,7 @@ package frames_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -102,19 +103,25 @@ func TestBridgeAndByRank(t *testing.T) {
 	}
 }
 
-// flaky fails its first fails reads, then serves zeros; slow ignores its
-// context for the first read.
+// flaky fails its first fails reads, then serves zeros. With hold, its
+// first read ignores its context and returns only once hold is closed
+// (or after 10 s), and then sets held.
 type flaky struct {
 	calls atomic.Int32
 	fails int32
-	slow  bool
+	hold  chan struct{}
+	held  atomic.Bool
 	short bool
 }
 
 func (s *flaky) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
 	c := s.calls.Add(1)
-	if s.slow && c == 1 {
-		time.Sleep(time.Second) // does not honour ctx
+	if s.hold != nil && c == 1 {
+		select { // not ctx.Done()
+		case <-s.hold:
+		case <-time.After(10 * time.Second):
+		}
+		s.held.Store(true)
 	}
 	if c <= s.fails {
 		return nil, errors.New("flaky")
@@ -128,34 +135,70 @@ func (s *flaky) ReadAt(ctx context.Context, off, n int64) ([]byte, error) {
 func TestReader(t *testing.T) {
 	ctx := context.Background()
 	s := frames.Span{Off: 10, Len: 100}
-	var retries int
-	r := &frames.Reader{Source: &flaky{fails: 2}, Attempts: 3, OnRetry: func(frames.Span, int, error) { retries++ }}
-	if b, failed, err := r.Read(ctx, s); err != nil || len(b) != 100 || failed != 2 || retries != 2 {
-		t.Errorf("two failures then success: %d bytes, %d failed, %d retries, %v", len(b), failed, retries, err)
+	// fails notes the failed attempts as the reader reports them: "1+"
+	// for attempt 1, another following.
+	var fails []string
+	note := func(_ frames.Span, attempt int, _ error, again bool) {
+		f := fmt.Sprint(attempt)
+		if again {
+			f += "+"
+		}
+		fails = append(fails, f)
 	}
-	r = &frames.Reader{Source: &flaky{fails: 5}, Attempts: 3}
-	if _, failed, err := r.Read(ctx, s); err == nil || failed != 3 || !strings.Contains(err.Error(), "bytes 10-109: 3 attempts: flaky") {
-		t.Errorf("always failing: %d failed, %v", failed, err)
+	for _, tc := range []struct {
+		name  string
+		src   *flaky
+		r     frames.Reader
+		err   string // in the error; "" for none
+		fails []string
+		calls int32
+	}{
+		{name: "two failures then success", src: &flaky{fails: 2}, r: frames.Reader{Attempts: 3},
+			fails: []string{"1+", "2+"}, calls: 3},
+		{name: "always failing", src: &flaky{fails: 5}, r: frames.Reader{Attempts: 3},
+			err: "bytes 10-109: 3 attempts: flaky", fails: []string{"1+", "2+", "3"}, calls: 3},
+		{name: "default attempts", src: &flaky{fails: 5},
+			err: "3 attempts", fails: []string{"1+", "2+", "3"}, calls: 3},
+		{name: "a short answer", src: &flaky{short: true}, r: frames.Reader{Attempts: 1},
+			err: "returned 99 bytes, want 100", fails: []string{"1"}, calls: 1},
+		// An attempt that overstays is abandoned at its deadline, even
+		// when the source ignores its context.
+		{name: "a slow first attempt", src: &flaky{hold: make(chan struct{})}, r: frames.Reader{Attempts: 2, AttemptTimeout: 50 * time.Millisecond},
+			fails: []string{"1+"}, calls: 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fails = nil
+			r := tc.r
+			r.Source, r.OnFail = tc.src, note
+			b, err := r.Read(ctx, s)
+			if tc.src.hold != nil {
+				if tc.src.held.Load() {
+					t.Errorf("Read waited for the attempt that overstayed")
+				}
+				close(tc.src.hold)
+			}
+			switch {
+			case tc.err == "" && (err != nil || len(b) != 100):
+				t.Errorf("Read: %d bytes, %v; want 100 bytes", len(b), err)
+			case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+				t.Errorf("Read: %v; want an error with %q", err, tc.err)
+			}
+			if !slices.Equal(fails, tc.fails) {
+				t.Errorf("failed attempts %v, want %v", fails, tc.fails)
+			}
+			if n := tc.src.calls.Load(); n != tc.calls {
+				t.Errorf("%d calls, want %d", n, tc.calls)
+			}
+		})
 	}
-	r = &frames.Reader{Source: &flaky{short: true}, Attempts: 1}
-	if _, _, err := r.Read(ctx, s); err == nil || !strings.Contains(err.Error(), "returned 99 bytes, want 100") {
-		t.Errorf("a short answer: %v", err)
-	}
-	// An attempt that overstays is abandoned at its deadline, even when
-	// the source ignores its context.
-	r = &frames.Reader{Source: &flaky{slow: true}, Attempts: 2, AttemptTimeout: 50 * time.Millisecond}
-	start := time.Now()
-	if b, failed, err := r.Read(ctx, s); err != nil || len(b) != 100 || failed != 1 {
-		t.Errorf("a slow first attempt: %d failed, %v", failed, err)
-	}
-	if took := time.Since(start); took > 900*time.Millisecond {
-		t.Errorf("took %s: the slow attempt was waited for", took)
-	}
-	// A cancelled caller stops retrying.
-	cctx, cancel := context.WithCancel(ctx)
-	cancel()
-	r = &frames.Reader{Source: &flaky{fails: 5}, Attempts: 5}
-	if _, failed, err := r.Read(cctx, s); err == nil || failed != 1 {
-		t.Errorf("cancelled: %d failed, %v", failed, err)
-	}
+	t.Run("cancelled", func(t *testing.T) {
+		// A cancelled caller stops retrying.
+		fails = nil
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		r := &frames.Reader{Source: &flaky{fails: 5}, Attempts: 5, OnFail: note}
+		if _, err := r.Read(cctx, s); err == nil || !slices.Equal(fails, []string{"1"}) {
+			t.Errorf("cancelled: failed attempts %v, %v; want one, and an error", fails, err)
+		}
+	})
 }

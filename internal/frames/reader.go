@@ -21,13 +21,14 @@ type Reader struct {
 	Source         Source
 	Attempts       int
 	AttemptTimeout time.Duration
-	// OnRetry, if set, is told of a failed attempt before the next one.
-	OnRetry func(s Span, attempt int, err error)
+	// OnFail, if set, is told of each failed attempt as it fails (its
+	// number, from 1), and whether another attempt follows.
+	OnFail func(s Span, attempt int, err error, again bool)
 }
 
 // Read reads s, retrying failed attempts until r.Attempts failed or ctx
-// is done. failed is the number of attempts that failed.
-func (r *Reader) Read(ctx context.Context, s Span) (b []byte, failed int, err error) {
+// is done.
+func (r *Reader) Read(ctx context.Context, s Span) ([]byte, error) {
 	attempts := r.Attempts
 	if attempts <= 0 {
 		attempts = 3
@@ -36,20 +37,21 @@ func (r *Reader) Read(ctx context.Context, s Span) (b []byte, failed int, err er
 	for attempt := 1; ; attempt++ {
 		b, err := r.attempt(ctx, s)
 		if err == nil {
-			return b, attempt - 1, nil
+			return b, nil
 		}
-		if attempt >= attempts || ctx.Err() != nil {
-			return nil, attempt, fmt.Errorf("read data blob bytes %d-%d: %d attempts: %w", s.Off, s.End()-1, attempt, err)
+		again := attempt < attempts && ctx.Err() == nil
+		if r.OnFail != nil {
+			r.OnFail(s, attempt, err, again)
 		}
-		if r.OnRetry != nil {
-			r.OnRetry(s, attempt, err)
+		if !again {
+			return nil, fmt.Errorf("read data blob bytes %d-%d: %d attempts: %w", s.Off, s.End()-1, attempt, err)
 		}
 		t := time.NewTimer(pause)
 		select {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, attempt, fmt.Errorf("read data blob bytes %d-%d: %d attempts: %w", s.Off, s.End()-1, attempt, err)
+			return nil, fmt.Errorf("read data blob bytes %d-%d: %d attempts: %w", s.Off, s.End()-1, attempt, err)
 		}
 		pause = min(2*pause, time.Second)
 	}

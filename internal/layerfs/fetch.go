@@ -24,7 +24,11 @@ import (
 // flight runs detached from the reader that started it, bounded by
 // Options.FetchTimeout, so an interrupted reader does not fail the others.
 // Flights started together fetch their missing frames with one ranged read
-// per run of adjacent frames.
+// per run of adjacent frames. What to fetch together and in which order is
+// computed by package frames (MissWindow, Runs, Bridge, ByRank), and each
+// read is made by a frames.Reader (bounded attempts, each bounded in time);
+// the fetcher holds the flights, the memory of frames and of failures, and
+// the cache.
 type fetcher struct {
 	ix     *layerindex.Index
 	src    Source
@@ -101,8 +105,11 @@ func newFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts *Options,
 	base, cancel := context.WithCancel(context.Background())
 	log := opts.Logger
 	reader := &frames.Reader{Source: src, Attempts: opts.Attempts, AttemptTimeout: opts.AttemptTimeout,
-		OnRetry: func(s frames.Span, attempt int, err error) {
-			log.Warn("layerfs: reading data blob failed, retrying", "offset", s.Off, "length", s.Len, "attempt", attempt, "err", err)
+		OnFail: func(s frames.Span, attempt int, err error, again bool) {
+			st.sourceErrors.Add(1)
+			if again {
+				log.Warn("layerfs: reading data blob failed, retrying", "offset", s.Off, "length", s.Len, "attempt", attempt, "err", err)
+			}
 		}}
 	return &fetcher{
 		reader:   reader,
@@ -585,10 +592,9 @@ func (f *fetcher) finish(k int, data []byte, err error) {
 }
 
 // readRange reads bytes [off, off+n) of the data blob (frames.Reader:
-// bounded attempts, each bounded in time).
+// bounded attempts, each bounded in time; each failed one is counted).
 func (f *fetcher) readRange(ctx context.Context, off, n int64) ([]byte, error) {
-	b, failed, err := f.reader.Read(ctx, frames.Span{Off: off, Len: n})
-	f.st.sourceErrors.Add(int64(failed))
+	b, err := f.reader.Read(ctx, frames.Span{Off: off, Len: n})
 	if err != nil {
 		return nil, err
 	}
