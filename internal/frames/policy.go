@@ -24,6 +24,24 @@ func Runs(frames []layerindex.Frame, ks []int, maxBytes int64) [][]int {
 	return out
 }
 
+// Steps cuts the frames first to last into steps of adjacent frames, in
+// order, each at most maxBytes of the uncompressed stream (but at least
+// one frame), as inclusive ranges [first, last]: a background reader
+// reads a step at a time and checks between steps that it may go on.
+func Steps(frames []layerindex.Frame, first, last int, maxBytes int64) [][2]int {
+	var out [][2]int
+	for k := first; k <= last; {
+		j, n := k, frames[k].USize
+		for j < last && n+frames[j+1].USize <= maxBytes {
+			j++
+			n += frames[j].USize
+		}
+		out = append(out, [2]int{k, j})
+		k = j + 1
+	}
+	return out
+}
+
 // MissWindow is the span of the uncompressed stream, aligned to w, around
 // the frames first to last of a read that missed: files that sit together
 // in a layer are read together, so its fetch takes every missing frame

@@ -35,6 +35,25 @@ func TestRuns(t *testing.T) {
 	}
 }
 
+func TestSteps(t *testing.T) {
+	fs := []layerindex.Frame{{USize: 10}, {USize: 10}, {USize: 10}, {USize: 25}, {USize: 10}, {USize: 10}}
+	for _, tc := range []struct {
+		first, last int
+		max         int64
+		want        [][2]int
+	}{
+		{0, 5, 100, [][2]int{{0, 5}}},
+		{0, 5, 30, [][2]int{{0, 2}, {3, 3}, {4, 5}}},
+		{1, 4, 20, [][2]int{{1, 2}, {3, 3}, {4, 4}}},
+		{3, 3, 5, [][2]int{{3, 3}}}, // one frame always goes, whatever its size
+		{0, -1, 10, nil},            // no frames
+	} {
+		if diff := cmp.Diff(tc.want, frames.Steps(fs, tc.first, tc.last, tc.max)); diff != "" {
+			t.Errorf("Steps(%d, %d, %d) (-want +got):\n%s", tc.first, tc.last, tc.max, diff)
+		}
+	}
+}
+
 // stream returns frames of usize bytes of stream each, csize compressed.
 func stream(n int, usize, csize int64) []layerindex.Frame {
 	out := make([]layerindex.Frame, n)

@@ -1,9 +1,15 @@
 // Package frames is the node's policy for fetching the bytes of an
-// expanded layer's data blob: which byte ranges a read needs, how ranges
-// are coalesced into requests, and how they are looked up among the pieces
-// already fetched or on their way. Its one range type is Span; the FUSE
-// view (layerfs), its background completer, and the start-up profiles'
-// early fetch and packs (startup) all describe bytes with it.
+// expanded layer's data blob: which frames a read fetches besides its own
+// (MissWindow, Readahead), how frames are coalesced into requests and in
+// which order those go out (Runs, Bridge, ByRank, Batches, Steps), how a
+// request is retried (Reader), and how ranges are looked up among the
+// pieces already fetched or on their way (Cover, Set). Its one range type
+// is Span; the FUSE view (layerfs), its background completer, and the
+// start-up profiles' early fetch and packs (startup) all describe bytes
+// with it.
+//
+// All of it but Reader is pure computation, plans as plain data; its
+// callers hold the state (flights, caches, failures) and carry them out.
 package frames
 
 import (

@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/internal/cache"
+	"github.com/strata-oci/strata/internal/frames"
 	"github.com/strata-oci/strata/layerindex"
 )
 
@@ -78,7 +79,7 @@ type CompleterOptions struct {
 }
 
 // completeBatch is the most uncompressed bytes a completion fetches
-// before it checks again that the node is quiet.
+// before it checks again that the node is quiet (frames.Steps).
 const completeBatch = 4 << 20
 
 // retryAfter is how long a file whose completion failed is not tried
@@ -313,28 +314,22 @@ func (c *Completer) complete(ctx context.Context, job completion) (int64, error)
 func (c *Completer) stream(ctx context.Context, fetch *fetcher, e *layerindex.Entry, w io.Writer) error {
 	ix := fetch.ix
 	first, last := ix.FramesFor(e.Offset, e.Size)
-	for k := first; k <= last; {
+	for _, step := range frames.Steps(ix.Frames, first, last, completeBatch) {
 		if err := c.waitQuiet(ctx); err != nil {
 			return err
 		}
-		j, n := k, ix.Frames[k].USize
-		for j < last && n+ix.Frames[j+1].USize <= completeBatch {
-			j++
-			n += ix.Frames[j].USize
-		}
-		frames, err := fetch.frames(ctx, k, j)
+		got, err := fetch.frames(ctx, step[0], step[1])
 		if err != nil {
 			return err
 		}
-		for i, data := range frames {
-			fr := &ix.Frames[k+i]
+		for i, data := range got {
+			fr := &ix.Frames[step[0]+i]
 			lo := max(e.Offset-fr.UOffset, 0)
 			hi := min(e.Offset+e.Size-fr.UOffset, fr.USize)
 			if _, err := w.Write(data[lo:hi]); err != nil {
 				return err
 			}
 		}
-		k = j + 1
 	}
 	if c.recording.Load() > 0 {
 		// A start began recording meanwhile: it must see this file's

@@ -7,13 +7,17 @@
 // trusted.overlay.opaque=y. The tree comes from the index alone: mounting
 // fetches nothing.
 //
-// Reading a file fetches only the frames of the data blob that hold the
-// bytes read, coalescing adjacent frames into one ranged read, prefetching
-// a frame or two ahead of sequential reads, and verifying every frame
-// against the index before a byte of it is served. Frames are kept
-// compressed in the node's cache and decompressed in a small memory cache.
-// A source that keeps failing, or keeps returning bytes that fail
-// verification, makes the read fail with EIO within Options.FetchTimeout.
+// Reading a file fetches the frames of the data blob that hold the bytes
+// read, with the missing frames of their miss window (Options.MissWindow),
+// coalescing adjacent frames into one ranged read, prefetching ahead of
+// sequential reads (Options.Readahead), and verifying every frame against
+// the index before a byte of it is served. Frames are kept compressed in
+// the node's cache and decompressed in a small memory cache. A source that
+// keeps failing, or keeps returning bytes that fail verification, makes
+// the read fail with EIO within Options.FetchTimeout. Which frames go in
+// which request, in which order, and how a request is retried is package
+// frames' policy; this package keeps the state that carries it out (the
+// flights, the memory, the failures) and the cache.
 //
 // A file whose whole content is in the node's cache (or is small enough to
 // be put there when it is opened) is opened with FUSE passthrough where the
