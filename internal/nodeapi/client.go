@@ -36,6 +36,9 @@ const startTimeout = 30 * time.Second
 func Dial(ctx context.Context, root string, start []string) (*Client, error) {
 	sock := SocketPath(root)
 	c := &Client{root: root, start: start, http: &http.Client{Transport: &http.Transport{
+		// A connection per request: one kept from the last request
+		// could be closed by a daemon going idle as this one is sent.
+		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", sock)
@@ -73,7 +76,7 @@ func (c *Client) ensure(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("start node daemon: %w", err)
 	}
-	defer lock.Close()
+	defer lock.Close()      // the daemon does not go idle while it is held
 	if c.ping(ctx) == nil { // another client started it meanwhile
 		return nil
 	}
@@ -102,6 +105,9 @@ func (c *Client) ensure(ctx context.Context) error {
 		}
 		select {
 		case err := <-exited:
+			if err == nil {
+				return fmt.Errorf("node daemon exited before it answered; see %s", logPath)
+			}
 			return fmt.Errorf("node daemon exited at start (%v); see %s", err, logPath)
 		case <-deadline.C:
 			return fmt.Errorf("node daemon did not start; see %s", logPath)
@@ -111,6 +117,19 @@ func (c *Client) ensure(ctx context.Context) error {
 		}
 		pause = min(2*pause, 50*time.Millisecond)
 	}
+}
+
+// notReached reports whether a request failed before a daemon took it:
+// the client could not connect, or the connection was reset before an
+// answer. On a unix socket a reset means the daemon closed it without
+// reading all of the request (it was still queued as the daemon went), and
+// the daemon reads a whole request before it acts on it.
+func notReached(err error) bool {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return true
+	}
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // do sends a request; one that reached no daemon that serves it is sent
@@ -137,8 +156,7 @@ func (c *Client) send(ctx context.Context, method, path string, in, out any) err
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
+		if notReached(err) {
 			return fmt.Errorf("%w: %v", errNotReached, err)
 		}
 		return err

@@ -20,11 +20,14 @@
 // daemon lock (Lock) for its whole life, from before it opens the node's
 // state until after it removed its socket; a second one waits for it.
 // Clients that find no daemon start one under ROOT's start lock, so one
-// starts and the others wait for it and connect. A daemon that goes idle
-// first refuses new requests (503, "the node daemon is exiting"), so a
-// request is either served by a daemon that stays up for it or never
-// reached one; a client retries such a request, and one whose connection
-// was refused, with a daemon it starts again.
+// starts and the others wait for it and connect; a daemon does not go idle
+// while a client holds that lock. A daemon that goes idle first refuses
+// new requests (503, "the node daemon is exiting"), then removes its
+// socket and answers every connection it had queued before it closes, so
+// a request is either served by a daemon that stays up for it or never
+// reached one. A client sends a request that reached none (refused, no
+// socket, 503, or reset before an answer) again, to a daemon it starts
+// anew if need be; it opens a connection per request.
 package nodeapi
 
 import (

@@ -45,6 +45,7 @@ func runDaemon(root string) int {
 	fmt.Fprintln(f, os.Getpid())
 	f.Close()
 	idle, _ := time.ParseDuration(os.Getenv("STRATA_NODEAPI_IDLE"))
+	nodeapi.SetIdleTick(10 * time.Millisecond) // idle exits within the tests' time
 	if err := nodeapi.Serve(ctx, &fakeBackend{hosts: &remote.Hosts{}}, nodeapi.ServeOptions{Root: root, IdleTimeout: idle}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -220,29 +221,34 @@ func TestStartOnce(t *testing.T) {
 
 // TestIdleExitRace: clients keep arriving at a daemon that goes idle
 // between their requests; each request is served, by the daemon that was
-// there or by one started anew.
+// there or by one started anew. The requests are POSTs and DELETEs, which
+// an HTTP client does not send again by itself.
 func TestIdleExitRace(t *testing.T) {
 	root := t.TempDir()
 	t.Setenv(daemonEnv, root)
-	start := startArgs(t, time.Nanosecond) // idle at its first tick
+	start := startArgs(t, time.Nanosecond) // idle at any tick with no request and no lease
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	end := time.Now().Add(3 * time.Second)
 	var wg sync.WaitGroup
-	errs := make([]error, 4)
+	errs := make([]error, 8)
 	for i := range errs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for end := time.Now().Add(4 * time.Second); time.Now().Before(end); {
+			for n := 0; time.Now().Before(end); n++ {
 				c, err := nodeapi.Dial(ctx, root, start)
 				if err == nil {
-					_, err = c.DF(ctx)
+					id := fmt.Sprintf("container:%d-%d", i, n)
+					if _, err = c.Acquire(ctx, nodeapi.AcquireRequest{ID: id, Ref: "r.example/app:v1"}); err == nil {
+						err = c.Release(ctx, id)
+					}
 				}
 				if err != nil {
 					errs[i] = err
 					return
 				}
-				time.Sleep(time.Duration(300+100*i) * time.Millisecond) // across the daemon's ticks
+				time.Sleep(time.Duration(i+1) * 5 * time.Millisecond)
 			}
 		}()
 	}

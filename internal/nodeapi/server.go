@@ -10,7 +10,10 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/strata-oci/strata/internal/node"
 	"github.com/strata-oci/strata/internal/remote"
@@ -69,13 +72,13 @@ func Serve(ctx context.Context, b Backend, opts ServeOptions) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	d := &daemon{b: b, activity: make(chan struct{}, 1)}
-	srv := &http.Server{Handler: d.routes()}
+	d := &daemon{b: b, activity: make(chan struct{}, 1), unanswered: map[net.Conn]bool{}}
+	srv := &http.Server{Handler: d.routes(), ConnState: d.connState}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	log.Info("node daemon serving", "socket", sock)
 
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(idleTick)
 	defer tick.Stop()
 	idleSince := time.Now()
 	for {
@@ -93,7 +96,7 @@ func Serve(ctx context.Context, b Backend, opts ServeOptions) error {
 			if len(b.Leases()) > 0 || b.Busy() {
 				idleSince = time.Now()
 			}
-			if opts.IdleTimeout <= 0 || time.Since(idleSince) < opts.IdleTimeout || !d.close() {
+			if opts.IdleTimeout <= 0 || time.Since(idleSince) < opts.IdleTimeout || !d.closeIdle(opts.Root) {
 				continue
 			}
 			log.Info("node daemon idle, exiting")
@@ -101,24 +104,80 @@ func Serve(ctx context.Context, b Backend, opts ServeOptions) error {
 		break
 	}
 	d.close()
-	sctx, c := context.WithTimeout(context.Background(), 5*time.Second)
-	defer c()
-	srv.Shutdown(sctx)
-	// The socket goes before the lock does: the next daemon, which
-	// waits for the lock, listens on a path nobody else removes.
+	// No connection may be dropped unanswered, or its client could not
+	// tell whether its request was served. The socket goes first, so no
+	// new client connects (and none finds the next daemon's socket
+	// removed: that one waits for the lock); the connections queued on
+	// it are accepted and refused (503), not reset by closing the
+	// listener; once Serve has returned every accepted connection is
+	// tracked, and the daemon waits until each is answered. (Not
+	// srv.Shutdown: it hangs up on a request read after it began.)
 	os.Remove(sock)
+	drain(ln)
+	ln.Close()
+	<-errc
+	for end := time.Now().Add(5 * time.Second); d.pending() && time.Now().Before(end); {
+		time.Sleep(time.Millisecond)
+	}
+	srv.Close()
 	b.Close(context.Background())
 	return nil
 }
+
+// drain waits, for a second at most, until no connection is queued on ln
+// (Serve accepts them meanwhile).
+func drain(ln net.Listener) {
+	sc, ok := ln.(syscall.Conn)
+	if !ok {
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	for range 1000 {
+		queued := false
+		rc.Control(func(fd uintptr) {
+			p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			n, _ := unix.Poll(p, 0)
+			queued = n > 0
+		})
+		if !queued {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// idleTick is how often the daemon looks whether it is idle.
+var idleTick = time.Second
 
 // daemon serves the requests of one Serve.
 type daemon struct {
 	b        Backend
 	activity chan struct{}
 
-	mu       sync.Mutex
-	inflight int  // requests being served: a long pull holds no lease yet
-	closing  bool // no new requests: the daemon is exiting
+	mu         sync.Mutex
+	inflight   int               // requests being served: a long pull holds no lease yet
+	closing    bool              // no new requests: the daemon is exiting
+	unanswered map[net.Conn]bool // connections new or with a request under way
+}
+
+func (d *daemon) connState(c net.Conn, s http.ConnState) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if s == http.StateNew || s == http.StateActive {
+		d.unanswered[c] = true
+	} else {
+		delete(d.unanswered, c)
+	}
+}
+
+// pending reports whether a connection waits for an answer.
+func (d *daemon) pending() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.unanswered) > 0
 }
 
 // close stops the daemon taking requests, unless one is being served or a
@@ -134,6 +193,21 @@ func (d *daemon) close() bool {
 	}
 	d.closing = true
 	return true
+}
+
+// closeIdle closes the daemon as close does, unless a client holds root's
+// start lock: it is starting a daemon, perhaps this one, and has not had
+// its answer yet.
+func (d *daemon) closeIdle(root string) bool {
+	f, err := os.OpenFile(startPath(root), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return false
+	}
+	defer f.Close() // and with it the lock
+	if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
+		return false
+	}
+	return d.close()
 }
 
 // begin admits a request, unless the daemon is exiting.

@@ -1,0 +1,6 @@
+package nodeapi
+
+import "time"
+
+// SetIdleTick makes the test daemon look whether it is idle every d.
+func SetIdleTick(d time.Duration) { idleTick = d }
