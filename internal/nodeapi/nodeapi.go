@@ -16,6 +16,9 @@
 //	GET    /v1/downloads                     → []node.Download
 //	GET    /v1/df                            → node.DFReport
 //
+// Its files under ROOT: strata.sock, daemon.pid, daemon.log (its output),
+// daemon.lock (Lock) and daemon.start (the start lock).
+//
 // Starting on demand is race-free. One daemon at a time holds ROOT's
 // daemon lock (Lock) for its whole life, from before it opens the node's
 // state until after it removed its socket; a second one waits for it.
