@@ -119,6 +119,9 @@ func newPullCmd(g *globalFlags) *cobra.Command {
 
 func modeText(img *node.Image) string {
 	if img.Mode == node.ModeLazy {
+		if img.Source == node.SourceReferrers {
+			return "lazy: expansion referrers"
+		}
 		return "lazy: layer mounts"
 	}
 	return "fallback: full pull — " + img.Reason

@@ -37,7 +37,6 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
-	specs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
@@ -195,22 +194,6 @@ func (s *Service) enqueue(repo string, d digest.Digest, manifest string) error {
 	return nil
 }
 
-// layerMediaTypes are the layer types worth expanding; anything else in a
-// manifest (configs of artifacts, signatures, attestations) is left alone.
-var layerMediaTypes = map[string]bool{
-	ocispec.MediaTypeImageLayer:                                 true,
-	ocispec.MediaTypeImageLayerGzip:                             true,
-	ocispec.MediaTypeImageLayerZstd:                             true,
-	"application/vnd.docker.image.rootfs.diff.tar.gzip":         true,
-	"application/vnd.docker.image.rootfs.diff.tar":              true,
-	"application/vnd.docker.image.rootfs.diff.tar.zstd":         true,
-	"application/vnd.oci.image.layer.v1.tar+gzip+encrypted":     false,
-	ocispec.MediaTypeImageLayerNonDistributable:                 false, //nolint:staticcheck // recognised, never pushed
-	ocispec.MediaTypeImageLayerNonDistributableGzip:             false, //nolint:staticcheck
-	ocispec.MediaTypeImageLayerNonDistributableZstd:             false, //nolint:staticcheck
-	"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": false,
-}
-
 type manifestDoc struct {
 	MediaType    string               `json:"mediaType"`
 	ArtifactType string               `json:"artifactType"`
@@ -225,12 +208,12 @@ func imageLayers(content []byte) ([]digest.Digest, error) {
 	if err := json.Unmarshal(content, &doc); err != nil {
 		return nil, err
 	}
-	if doc.ArtifactType == layerindex.ArtifactTypeExpansion || (doc.Config != nil && doc.Config.MediaType != ocispec.MediaTypeImageConfig && doc.Config.MediaType != "application/vnd.docker.container.image.v1+json") {
+	if doc.ArtifactType != "" || (doc.Config != nil && !api.IsImageConfig(doc.Config.MediaType)) {
 		return nil, nil // not a container image (an artifact, our own expansion among them)
 	}
 	var out []digest.Digest
 	for _, l := range doc.Layers {
-		if layerMediaTypes[l.MediaType] {
+		if api.Expandable(l.MediaType) {
 			out = append(out, l.Digest)
 		}
 	}
@@ -520,7 +503,7 @@ func (s *Service) maybePublish(ctx context.Context, ref string) {
 	if err != nil || len(layers) == 0 {
 		return
 	}
-	var descs []ocispec.Descriptor
+	var exps []api.LayerExpansion
 	for _, l := range layers {
 		if _, err := s.st.StatBlob(ctx, repo, l); err != nil {
 			continue
@@ -538,12 +521,9 @@ func (s *Service) maybePublish(ctx context.Context, ref string) {
 		if err := s.st.Link(ctx, repo, done.Data.Digest); err != nil {
 			return
 		}
-		idx, data := done.Index, done.Data
-		idx.Annotations = map[string]string{api.AnnotationLayer: l.String(), api.AnnotationRole: "index"}
-		data.Annotations = map[string]string{api.AnnotationLayer: l.String(), api.AnnotationRole: "data"}
-		descs = append(descs, idx, data)
+		exps = append(exps, api.LayerExpansion{Layer: l, Index: done.Index, Data: done.Data})
 	}
-	if len(descs) == 0 {
+	if len(exps) == 0 {
 		return
 	}
 	empty := []byte("{}")
@@ -552,22 +532,15 @@ func (s *Service) maybePublish(ctx context.Context, ref string) {
 		s.log.Warn("expand: storing empty config", "err", err)
 		return
 	}
-	art := ocispec.Manifest{
-		Versioned:    specs.Versioned{SchemaVersion: 2},
-		MediaType:    ocispec.MediaTypeImageManifest,
-		ArtifactType: layerindex.ArtifactTypeExpansion,
-		Config:       ocispec.Descriptor{MediaType: emptyDesc.MediaType, Digest: emptyDesc.Digest, Size: emptyDesc.Size},
-		Layers:       descs,
-		Subject:      &ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: int64(len(m.Content))},
-	}
-	b, err := json.Marshal(art)
+	b, err := api.ExpansionArtifact(ocispec.Descriptor{MediaType: m.MediaType, Digest: m.Digest, Size: int64(len(m.Content))}, exps)
 	if err != nil {
+		s.log.Warn("expand: making artifact", "manifest", ref, "err", err)
 		return
 	}
 	ad := digest.Canonical.FromBytes(b)
 	err = s.st.PutManifest(ctx, repo,
 		store.Manifest{Digest: ad, MediaType: ocispec.MediaTypeImageManifest, Content: b, Subject: m.Digest},
-		store.ManifestMeta{Subject: m.Digest, ArtifactType: layerindex.ArtifactTypeExpansion}, nil)
+		store.ManifestMeta{Subject: m.Digest, ArtifactType: api.ArtifactTypeExpansion}, nil)
 	if err != nil {
 		s.log.Warn("expand: publishing artifact", "manifest", ref, "err", err)
 		return

@@ -61,6 +61,10 @@ type Image struct {
 	Pulled   time.Time            `json:"pulled"`
 	// Reason says why the fallback was taken.
 	Reason string `json:"reason,omitempty"`
+	// Source is where the expansions of the lazy layers come from:
+	// SourceMountAPI or SourceReferrers ("" with no lazy layer; images
+	// recorded before it was kept used the layer-mount API).
+	Source string `json:"source,omitempty"`
 	// Profile is the image's start-up profile from the registry, if it
 	// has one; Unprofiled records that the registry has none (so the
 	// first container records one).

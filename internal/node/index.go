@@ -29,11 +29,31 @@ func (m *Manager) refetchIndexes(ctx context.Context, img *Image) error {
 		m.client.Hosts().AllowPlainHTTP(img.Registry)
 	}
 	repo := remote.Repository{Registry: img.Registry, Name: img.Repo}
+	var exps map[digest.Digest]api.LayerExpansion
 	for i, l := range img.Layers {
 		if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "unpacked")); err == nil {
 			continue
 		}
-		if err := m.fetchIndex(ctx, repo, l, diffIDs[i]); err != nil {
+		if _, err := m.savedIndex(l.Digest); err == nil {
+			continue
+		}
+		if img.Source != SourceReferrers {
+			if err := m.fetchIndex(ctx, repo, l, diffIDs[i]); err != nil {
+				return err
+			}
+			continue
+		}
+		if exps == nil {
+			var err error
+			if exps, err = m.findExpansion(ctx, repo, img.Digest); err != nil {
+				return err
+			}
+		}
+		md, raw, ix, err := m.getReferredIndex(ctx, repo, l, exps)
+		if err == nil {
+			err = m.saveIndex(l, diffIDs[i], md, raw, ix)
+		}
+		if err != nil {
 			return err
 		}
 	}
@@ -106,12 +126,113 @@ func (m *Manager) getIndex(ctx context.Context, repo remote.Repository, l ocispe
 	return md, raw, ix, nil
 }
 
+// errNotBound: an expansion offered for a layer is not that layer's (its
+// index names another layer, diff ID or data blob). The layer is pulled
+// whole instead.
+var errNotBound = errors.New("the expansion offered is not bound to this image")
+
+// maxExpansionArtifacts bounds the expansion artifacts of one image a
+// node reads (strata expand keeps one per manifest; more are stale or
+// another tool's).
+const maxExpansionArtifacts = 8
+
+// findExpansion looks in repo for expansion artifacts that refer to image
+// manifest md (the Referrers API, else the referrers tag) and returns the
+// expansions they list, by layer; the first artifact to list a layer
+// wins. An artifact that cannot be read or is malformed is skipped. None
+// is an empty map and no error.
+func (m *Manager) findExpansion(ctx context.Context, repo remote.Repository, md digest.Digest) (map[digest.Digest]api.LayerExpansion, error) {
+	descs, err := m.client.Referrers(ctx, repo, md, api.ArtifactTypeExpansion)
+	if err != nil {
+		return nil, err
+	}
+	out := map[digest.Digest]api.LayerExpansion{}
+	for i, d := range descs {
+		if i == maxExpansionArtifacts {
+			break
+		}
+		raw, err := m.client.Manifest(ctx, repo, d)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			m.log.Warn("expansion artifact cannot be read", "repo", repo, "artifact", d.Digest, "err", err)
+			continue
+		}
+		exps, err := api.ParseExpansionArtifact(raw, md)
+		if err != nil {
+			m.log.Warn("expansion artifact refused", "repo", repo, "artifact", d.Digest, "err", err)
+			continue
+		}
+		for l, e := range exps {
+			if _, ok := out[l]; !ok {
+				out[l] = e
+			}
+		}
+	}
+	return out, nil
+}
+
+// getReferredIndex fetches and decodes the index of layer l's expansion
+// that an expansion artifact lists (exps, from findExpansion); raw is nil
+// when the node has the index already. The index must name l (saveIndex
+// then checks its diff ID and data blob).
+func (m *Manager) getReferredIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, exps map[digest.Digest]api.LayerExpansion) (md *api.MountDescriptor, raw []byte, ix *layerindex.Index, err error) {
+	if _, err := m.savedIndex(l.Digest); err == nil {
+		return nil, nil, nil, nil
+	}
+	e, ok := exps[l.Digest]
+	if !ok {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w: no expansion artifact lists it", l.Digest, remote.ErrNotFound)
+	}
+	// The data blob must be there, whole: asked while the index comes.
+	dataSize := make(chan error, 1)
+	go func() {
+		n, err := m.client.BlobSize(ctx, repo, e.Data.Digest)
+		switch {
+		case errors.Is(err, remote.ErrNotFound):
+			dataSize <- fmt.Errorf("data blob %s: %w", e.Data.Digest, err)
+		case err == nil && n != e.Data.Size:
+			dataSize <- fmt.Errorf("data blob %s is %d bytes, its artifact says %d", e.Data.Digest, n, e.Data.Size)
+		default:
+			// Some registries answer HEAD with redirects that do not
+			// take it; every frame is verified anyway.
+			if err != nil {
+				m.log.Debug("data blob size unknown", "layer", l.Digest, "err", err)
+			}
+			dataSize <- nil
+		}
+	}()
+	raw, err = m.client.Blob(ctx, repo, e.Index, remote.MaxIndexBytes)
+	if derr := <-dataSize; err == nil && derr != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w: %w", l.Digest, errNotBound, derr)
+	}
+	switch {
+	case errors.Is(err, remote.ErrDigestMismatch) || errors.Is(err, remote.ErrUnsupported) || errors.Is(err, remote.ErrNotFound):
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w: %w", l.Digest, errNotBound, err)
+	case err != nil:
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
+	}
+	if ix, err = layerindex.Decode(raw); err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w: %w", l.Digest, errNotBound, err)
+	}
+	if ix.Layer != l.Digest {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w: its index is of layer %s", l.Digest, errNotBound, ix.Layer)
+	}
+	md = &api.MountDescriptor{
+		Layer: l.Digest, DiffID: ix.DiffID, Version: ix.Version,
+		Index: ocispec.Descriptor{MediaType: layerindex.MediaTypeIndex, Digest: e.Index.Digest, Size: e.Index.Size},
+		Data:  ocispec.Descriptor{MediaType: layerindex.MediaTypeData, Digest: e.Data.Digest, Size: e.Data.Size},
+	}
+	return md, raw, ix, nil
+}
+
 // saveIndex binds index ix (raw) of layer l to l, diffID and the mount
 // descriptor's data blob, and saves it; the decoded index is kept for the
 // layer's mount.
 func (m *Manager) saveIndex(l ocispec.Descriptor, diffID digest.Digest, md *api.MountDescriptor, raw []byte, ix *layerindex.Index) error {
 	if ix.Layer != l.Digest || ix.DiffID != diffID || ix.Data != md.Data.Digest || ix.DataSize != md.Data.Size {
-		return fmt.Errorf("layer %s: the registry's expansion is not bound to this image (index names layer %s, diff ID %s)", l.Digest, ix.Layer, ix.DiffID)
+		return fmt.Errorf("layer %s: %w (index names layer %s, diff ID %s, data %s)", l.Digest, errNotBound, ix.Layer, ix.DiffID, ix.Data)
 	}
 	dir := layerDir(m.root, l.Digest)
 	if err := os.MkdirAll(dir, 0o755); err != nil {

@@ -54,6 +54,15 @@ const (
 	ModeUnpacked = "unpacked" // fallback: downloaded and unpacked
 )
 
+// Where the expansion of a lazy layer comes from (Image.Source).
+const (
+	// SourceMountAPI: the registry's layer-mount API (/v2/<name>/_strata/…).
+	SourceMountAPI = "layer-mount API"
+	// SourceReferrers: an expansion artifact referring to the image
+	// manifest (`strata expand`), from any OCI registry.
+	SourceReferrers = "expansion referrer"
+)
+
 // Options configure a Manager.
 type Options struct {
 	Root      string

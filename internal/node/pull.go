@@ -62,6 +62,7 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 	}
 	<-p.profileDone
 	rec.Profile, rec.Unprofiled = p.profile, p.unprofiled
+	rec.Source = p.source
 	if !lazy {
 		rec.Mode, rec.Reason = ModeUnpacked, reason
 	}
@@ -86,6 +87,13 @@ type pull struct {
 	start time.Time
 	offer func() (lazy bool, reason string)
 
+	// source is where the layers' expansions come from (SourceMountAPI,
+	// SourceReferrers, or "" for none, reason then says why), decided
+	// once the manifest is verified; set when decided is closed.
+	source  string
+	reason  string
+	decided chan struct{}
+
 	early []*earlyIndex // by layer, once the manifest is verified
 	// profile and unprofiled are set when profileDone is closed.
 	profile     *api.Profile
@@ -97,7 +105,7 @@ type pull struct {
 // the connections of the requests that follow the manifest, each on one
 // of its own, while the manifest is on its way.
 func (m *Manager) newPull(ctx context.Context, r remote.Reference) *pull {
-	p := &pull{m: m, ctx: ctx, ref: r, start: time.Now(), profileDone: make(chan struct{})}
+	p := &pull{m: m, ctx: ctx, ref: r, start: time.Now(), profileDone: make(chan struct{}), decided: make(chan struct{})}
 	p.offer = sync.OnceValues(func() (bool, string) { return m.offersMounts(ctx, r.Registry) })
 	go p.offer()
 	m.client.Preconnect(r.Registry, preconnect)
@@ -116,14 +124,17 @@ func (p *pull) ahead(md digest.Digest, man *ocispec.Manifest) {
 	go p.fetchAhead(md, man.Layers)
 }
 
-// fetchAhead fetches the start-up profile (and starts its early fetch)
-// and the indexes of layers, once the registry said it offers layer
-// mounts.
+// fetchAhead decides where the layers' expansions come from, then
+// fetches the start-up profile (and starts its early fetch) and the
+// layers' indexes.
 func (p *pull) fetchAhead(md digest.Digest, layers []ocispec.Descriptor) {
 	m, ctx := p.m, p.ctx
-	lazy, _ := p.offer()
+	var exps map[digest.Digest]api.LayerExpansion
+	p.source, p.reason, exps = p.decide(md)
+	close(p.decided)
+	lazy := p.source != ""
 	indexesIn := make(chan struct{})
-	if !lazy || m.opts.Profiles == ProfilesOff {
+	if p.source != SourceMountAPI || m.opts.Profiles == ProfilesOff {
 		close(p.profileDone)
 	} else {
 		go func() {
@@ -137,10 +148,15 @@ func (p *pull) fetchAhead(md digest.Digest, layers []ocispec.Descriptor) {
 	forEach(ctx, len(layers), pullConcurrency, func(i int) {
 		e := p.early[i]
 		defer close(e.done)
-		if lazy {
+		switch {
+		case p.source == SourceMountAPI:
 			e.md, e.raw, e.ix, e.err = m.getIndex(ctx, p.ref.Repository, layers[i])
-			m.log.Debug("pull: index", "layer", layers[i].Digest, "after", time.Since(p.start), "err", e.err)
+		case lazy:
+			e.md, e.raw, e.ix, e.err = m.getReferredIndex(ctx, p.ref.Repository, layers[i], exps)
+		default:
+			return
 		}
+		m.log.Debug("pull: index", "layer", layers[i].Digest, "source", p.source, "after", time.Since(p.start), "err", e.err)
 	})
 	for _, e := range p.early { // those skipped when ctx ended
 		select {
@@ -153,13 +169,56 @@ func (p *pull) fetchAhead(md digest.Digest, layers []ocispec.Descriptor) {
 	close(indexesIn)
 }
 
+// decide says where the expansions of the layers of image manifest md
+// come from: the registry's layer-mount API when it offers it, else an
+// expansion artifact that refers to md (the Referrers API or the
+// referrers tag), else nowhere (reason says why). The referrers are
+// looked for while the registry is asked for layer mounts, unless it is
+// known to offer them.
+func (p *pull) decide(md digest.Digest) (source, reason string, exps map[digest.Digest]api.LayerExpansion) {
+	m, ctx := p.m, p.ctx
+	type found struct {
+		exps map[digest.Digest]api.LayerExpansion
+		err  error
+	}
+	var referred chan found
+	if offers, known := m.knownOffer(p.ref.Registry); !(known && offers) {
+		referred = make(chan found, 1)
+		go func() {
+			e, err := m.findExpansion(ctx, p.ref.Repository, md)
+			referred <- found{e, err}
+		}()
+	}
+	lazy, reason := p.offer()
+	if lazy {
+		return SourceMountAPI, "", nil
+	}
+	if referred == nil {
+		return "", reason, nil
+	}
+	r := <-referred
+	switch {
+	case r.err != nil:
+		return "", reason + "; looking for an expansion referrer failed: " + r.err.Error(), nil
+	case len(r.exps) == 0:
+		return "", reason + " and the image has no expansion referrer (strata expand makes one)", nil
+	}
+	m.log.Debug("pull: expansion referrer", "ref", p.ref, "layers", len(r.exps), "after", time.Since(p.start))
+	return SourceReferrers, "", r.exps
+}
+
 // bind waits for the layers' indexes, binds each to the diff ID img's
 // config gives it and saves it, and returns the layers to pull the
-// ordinary way: all of them from a registry without layer mounts, else
-// those it has no layer mount for (lazy is then false, and reason says
-// why).
+// ordinary way: all of them when no expansion is offered, else those that
+// have none or whose expansion is not the layer's (lazy is then false,
+// and reason says why).
 func (p *pull) bind(img *remote.Image) (fallback []int, lazy bool, reason string, err error) {
-	lazy, reason = p.offer()
+	select {
+	case <-p.decided:
+	case <-p.ctx.Done():
+		return nil, false, "", p.ctx.Err()
+	}
+	lazy, reason = p.source != "", p.reason
 	layers := img.Manifest.Layers
 	unpackAll := !lazy
 	errs := make([]error, len(layers))
@@ -180,9 +239,12 @@ func (p *pull) bind(img *remote.Image) (fallback []int, lazy bool, reason string
 		case unpackAll:
 			fallback = append(fallback, i)
 		case err == nil:
-		case errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound):
+		case errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) || errors.Is(err, errNotBound):
 			// This layer is pulled the ordinary way; the others stay
 			// layer mounts.
+			if errors.Is(err, errNotBound) {
+				p.m.log.Warn("pull: refusing an expansion that is not the layer's; pulling the layer whole", "ref", p.ref, "layer", layers[i].Digest, "err", err)
+			}
 			if lazy {
 				lazy, reason = false, fmt.Sprintf("layer %s has no layer mount: %v", layers[i].Digest, err)
 			}
@@ -221,6 +283,15 @@ func forEach(ctx context.Context, n, limit int, fn func(i int)) {
 		}()
 	}
 	wg.Wait()
+}
+
+// knownOffer returns whether the registry offers layer mounts, if the node
+// has asked it already.
+func (m *Manager) knownOffer(registry string) (offers, known bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	offers, known = m.info[registry]
+	return offers, known
 }
 
 // offersMounts asks a registry, once, whether it serves layer mounts.

@@ -108,6 +108,9 @@ type Client struct {
 	// singleRange holds the registries that answer a multi-range request
 	// with the whole blob (ReadRanges then does not ask them again).
 	singleRange sync.Map
+	// noReferrersAPI holds the registries that answered the Referrers API
+	// with 404 (Referrers then reads the referrers tag alone).
+	noReferrersAPI sync.Map
 }
 
 // New returns a client.
