@@ -209,7 +209,8 @@ func (m *Manager) beginStart(id string, img *Image, got []*layer, profile *api.P
 			lazy = append(lazy, startup.Layer{Digest: l.digest, FS: l.fs})
 		}
 	}
-	target := startup.Target{Ref: img.Ref, Repo: remote.Repository{Registry: img.Registry, Name: img.Repo}, Manifest: img.Digest}
+	target := startup.Target{Ref: img.Ref, Repo: remote.Repository{Registry: img.Registry, Name: img.Repo}, Manifest: img.Digest,
+		Referrers: img.Source == SourceReferrers}
 	m.starts.Record(id, target, lazy)
 }
 

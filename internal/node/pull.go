@@ -134,14 +134,14 @@ func (p *pull) fetchAhead(md digest.Digest, layers []ocispec.Descriptor) {
 	close(p.decided)
 	lazy := p.source != ""
 	indexesIn := make(chan struct{})
-	if p.source != SourceMountAPI || m.opts.Profiles == ProfilesOff {
+	if !lazy || m.opts.Profiles == ProfilesOff {
 		close(p.profileDone)
 	} else {
 		go func() {
 			defer close(p.profileDone)
 			// Its pack (or its frames) are fetched now, alongside the
 			// indexes, not once they are there.
-			p.profile, p.unprofiled = m.starts.Fetch(ctx, p.ref.Repository, md, layers, indexesIn)
+			p.profile, p.unprofiled = m.starts.Fetch(ctx, p.ref.Repository, md, layers, indexesIn, p.source == SourceReferrers)
 			m.log.Debug("pull: start-up profile", "ref", p.ref, "after", time.Since(p.start), "found", p.profile != nil)
 		}()
 	}

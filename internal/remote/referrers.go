@@ -11,6 +11,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/strata-oci/strata/api"
 )
 
 // maxReferrers bounds the descriptors Referrers returns (a subject with
@@ -181,4 +182,57 @@ func (c *Client) BlobSize(ctx context.Context, repo Repository, d digest.Digest)
 		return 0, fmt.Errorf("%w: blob %s@%s: no Content-Length", ErrInvalidResponse, repo, d)
 	}
 	return resp.ContentLength, nil
+}
+
+// ProfileReferrer fetches the start-up profile of the image whose manifest
+// is m in repo from a profile artifact that refers to it (the first one
+// that reads well), without its pack. None is ErrNotFound.
+func (c *Client) ProfileReferrer(ctx context.Context, repo Repository, m digest.Digest) (*api.Profile, error) {
+	descs, err := c.Referrers(ctx, repo, m, api.ArtifactTypeProfile)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for i, d := range descs {
+		if i == 4 {
+			break
+		}
+		p, err := c.profileArtifact(ctx, repo, m, d)
+		if err == nil {
+			return p, nil
+		}
+		if ctx.Err() != nil {
+			return nil, err
+		}
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("start-up profile of %s@%s: %w", repo, m, errors.Join(errs...))
+	}
+	return nil, fmt.Errorf("start-up profile of %s@%s: %w: no profile artifact refers to it", repo, m, ErrNotFound)
+}
+
+func (c *Client) profileArtifact(ctx context.Context, repo Repository, m digest.Digest, d ocispec.Descriptor) (*api.Profile, error) {
+	raw, err := c.Manifest(ctx, repo, d)
+	if err != nil {
+		return nil, err
+	}
+	pd, _, err := api.ParseProfileArtifact(raw, m)
+	if err != nil {
+		return nil, fmt.Errorf("%w: artifact %s: %v", ErrInvalidResponse, d.Digest, err)
+	}
+	b, err := c.Blob(ctx, repo, pd, api.MaxProfileBytes)
+	if err != nil {
+		return nil, err
+	}
+	var p api.Profile
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("%w: profile %s: %v", ErrInvalidResponse, pd.Digest, err)
+	}
+	// A pack's chunks are checked against digests the profile gives, and
+	// anyone who can push to the repository can push a profile: unlike
+	// frames, which the layer's index verifies, its bytes cannot be tied
+	// to the image. The frames are fetched instead.
+	p.Pack = nil
+	return &p, nil
 }

@@ -3,6 +3,7 @@ package startup
 import (
 	"cmp"
 	"context"
+	"errors"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -25,6 +26,10 @@ type Target struct {
 	Ref      string
 	Repo     remote.Repository
 	Manifest digest.Digest
+	// Referrers: the registry has no profile route; the profile is
+	// stored as a profile artifact referring to the manifest
+	// (Options.PushReferrer).
+	Referrers bool
 }
 
 // A Layer is a mounted lazy layer whose reads a recording lists.
@@ -149,7 +154,20 @@ func (s *Profiles) Finish(id string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := s.client.PutProfile(ctx, r.target.Repo, r.target.Manifest, p); err != nil {
+	put := func() error { return s.client.PutProfile(ctx, r.target.Repo, r.target.Manifest, p) }
+	if r.target.Referrers {
+		// No registry makes a pack of the pages there: the frames only.
+		for i := range p.Layers {
+			p.Layers[i].Pages, p.Layers[i].PageRanks = nil, nil
+		}
+		put = func() error {
+			if s.opts.PushReferrer == nil {
+				return errors.New("the node does not push profile artifacts")
+			}
+			return s.opts.PushReferrer(ctx, r.target, p)
+		}
+	}
+	if err := put(); err != nil {
 		s.log.Info("start-up profile not stored", "ref", r.target.Ref, "err", err)
 		return
 	}

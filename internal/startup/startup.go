@@ -52,6 +52,10 @@ type Options struct {
 	// Stored, if set, is called when a recorded profile was stored in the
 	// registry for the image of target.
 	Stored func(t Target, p *api.Profile)
+	// PushReferrer, if set, stores profile p of the image of t, whose
+	// registry has no profile route (t.Referrers), as a profile artifact
+	// referring to its manifest; nil: such profiles are not stored.
+	PushReferrer func(ctx context.Context, t Target, p *api.Profile) error
 }
 
 // Profiles holds one node's start-up profiles at work: the early fetches
@@ -98,10 +102,17 @@ func New(opts Options) *Profiles {
 
 // Fetch asks repo for the start-up profile of image manifest md, whose
 // layers are layers, and begins fetching what it lists (Begin; beyond a
-// head, once indexes is closed). missing reports that the registry has
-// none, so the image's first start records one.
-func (s *Profiles) Fetch(ctx context.Context, repo remote.Repository, md digest.Digest, layers []ocispec.Descriptor, indexes <-chan struct{}) (p *api.Profile, missing bool) {
-	p, err := s.client.Profile(ctx, repo, md)
+// head, once indexes is closed). With referrers, the profile is looked for
+// as a profile artifact referring to md (a registry without strata's
+// routes). missing reports that the registry has none, so the image's
+// first start records one.
+func (s *Profiles) Fetch(ctx context.Context, repo remote.Repository, md digest.Digest, layers []ocispec.Descriptor, indexes <-chan struct{}, referrers bool) (p *api.Profile, missing bool) {
+	var err error
+	if referrers {
+		p, err = s.client.ProfileReferrer(ctx, repo, md)
+	} else {
+		p, err = s.client.Profile(ctx, repo, md)
+	}
 	switch {
 	case err == nil && p.Version == layerindex.Version:
 		s.Begin(repo, p, layers, indexes)
