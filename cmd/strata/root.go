@@ -116,9 +116,10 @@ the registry's commands take their own. See 'strata COMMAND --help'.`,
 		c.GroupID = "node"
 		cmd.AddCommand(c)
 	}
-	reg := newRegistryCmd(g)
-	reg.GroupID = "registry"
-	cmd.AddCommand(reg)
+	for _, c := range []*cobra.Command{newRegistryCmd(g), newExpandCmd(g)} {
+		c.GroupID = "registry"
+		cmd.AddCommand(c)
+	}
 	cmd.SetFlagErrorFunc(seeHelp)
 	cmd.SetHelpCommand(newHelpCmd())
 	cmd.InitDefaultCompletionCmd() // now, so that strictUsage reaches it too

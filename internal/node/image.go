@@ -14,6 +14,7 @@ import (
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/atomicfile"
+	"github.com/strata-oci/strata/internal/publish"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/startup"
 )
@@ -120,6 +121,26 @@ func (m *Manager) RemoveImage(ctx context.Context, ref string) error {
 		return fmt.Errorf("image %s: not pulled", ref)
 	}
 	return os.Remove(p)
+}
+
+// pushProfile stores profile p of the image of t, from a registry without
+// strata's routes, as a profile artifact referring to its manifest
+// (startup.Options.PushReferrer), with the node's credentials for it.
+func (m *Manager) pushProfile(ctx context.Context, t startup.Target, p *api.Profile) error {
+	repo, err := publish.Open(t.Repo, publish.Options{Hosts: m.client.Hosts(), Credentials: m.client.Credentials()})
+	if err != nil {
+		return err
+	}
+	subject, err := repo.Resolve(ctx, t.Manifest.String())
+	if err != nil {
+		return err
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	_, err = repo.PushProfile(ctx, subject, b)
+	return err
 }
 
 // profileStored records profile p, just stored in the registry, with the

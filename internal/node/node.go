@@ -173,7 +173,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m.starts = startup.New(startup.Options{
 		Client: m.client, Cache: c, Logger: log, FetchTimeout: opts.FetchTimeout, Window: opts.ProfileWindow,
-		Prefetch: m.prefetchMounted, Stored: m.profileStored,
+		Prefetch: m.prefetchMounted, Stored: m.profileStored, PushReferrer: m.pushProfile,
 	})
 	if opts.CompleteMax >= 0 {
 		// A completed file must not push a bounded cache's working set out.

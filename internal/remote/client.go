@@ -151,6 +151,9 @@ func New(opts Options) *Client {
 // HTTPS everywhere).
 func (c *Client) Hosts() *Hosts { return c.opts.Hosts }
 
+// Credentials returns the client's source of credentials (nil: anonymous).
+func (c *Client) Credentials() CredentialFunc { return c.opts.Credentials }
+
 // request is one logical registry call; send turns it into attempts.
 type request struct {
 	method   string

@@ -190,6 +190,10 @@ func validHost(h string) error {
 	return nil
 }
 
+// APIHost is the host[:port] that serves registry's API (Docker Hub's is
+// not "docker.io").
+func APIHost(registry string) string { return apiHost(registry) }
+
 // apiHost is the host the distribution API of registry is reached at.
 func apiHost(registry string) string {
 	if registry == DockerHub {
