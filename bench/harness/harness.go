@@ -61,7 +61,7 @@ func (c Config) wants(sys string) bool { return len(c.Systems) == 0 || slices.Co
 
 // needDist reports whether a system needs the CNCF registry.
 func (c Config) needDist() bool {
-	return c.wants(report.Containerd) || c.wants(report.StrataFallback) || c.wantsStargz()
+	return c.wants(report.Containerd) || c.wants(report.StrataFallback) || c.wants(report.StrataReferrers) || c.wantsStargz()
 }
 
 // Tools lists the programs the benchmarks of c run.
@@ -127,6 +127,11 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 		ixBytes, dataBytes, err := e.awaitExpansion(ctx, im.repo(), im.layers)
 		if err != nil {
 			return nil, err
+		}
+		if cfg.wants(report.StrataReferrers) {
+			if im.expandErr = e.expandAt(ctx, e.distProxy.Addr(), im); im.expandErr != nil {
+				e.logf("  %s: strata expand on the CNCF registry failed: %v", im.Name, im.expandErr)
+			}
 		}
 		if cfg.wants(report.StrataProfiled) {
 			if im.profileErr = e.recordProfile(ctx, im); im.profileErr != nil {
@@ -206,6 +211,9 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 				}
 				if need(report.StrataFallback, i) {
 					timed(report.StrataFallback, func() { add(report.StrataFallback, e.strataFallback(ctx, im, id), i) })
+				}
+				if need(report.StrataReferrers, i) {
+					timed(report.StrataReferrers, func() { add(report.StrataReferrers, e.strataReferrers(ctx, im, id), i) })
 				}
 				if need(report.StrataProfiled, i) {
 					timed(report.StrataProfiled, func() { add(report.StrataProfiled, e.strataProfiled(ctx, im, id), i) })

@@ -33,6 +33,8 @@ type image struct {
 	unpacked   int64
 	// profileErr is why recording the image's start-up profile failed.
 	profileErr error
+	// expandErr is why strata expand on the CNCF registry failed.
+	expandErr error
 	// readPaths are the files the workload reads at start (measureReads);
 	// stargzBytes the size of the image's eStargz conversions, by system.
 	readPaths   []string

@@ -136,6 +136,12 @@ func (e *env) strataCmd(ctx context.Context, root string, args ...string) *exec.
 // strataRun measures `strata run --rm` of im from registry addr on root.
 // flags go before the command (global flags).
 func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags ...string) report.Sample {
+	s, _ := e.strataRunOut(ctx, root, addr, im, flags...)
+	return s
+}
+
+// strataRunOut is strataRun that also returns what strata wrote to stderr.
+func (e *env) strataRunOut(ctx context.Context, root, addr string, im *image, flags ...string) (report.Sample, string) {
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
 	var s report.Sample
@@ -147,7 +153,7 @@ func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags
 	// node runs its agent before it is asked to start a container.
 	if out, err := e.strataCmd(ctx, root, append(flags, "ps")...).CombinedOutput(); err != nil {
 		s.Error = fmt.Sprintf("starting the node daemon: %v\n%s", err, out)
-		return s
+		return s, ""
 	}
 	m := e.begin(ctx)
 	args := append(append(flags, "run", "--rm", "--plain-http", addr+"/"+im.repo()+":latest"), im.Args...)
@@ -163,7 +169,7 @@ func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags
 			s.Error += "\nnode daemon log:\n" + tailString(string(b), 1500)
 		}
 	}
-	return s
+	return s, stderr
 }
 
 // strataLazy measures a cold start without a start-up profile on a fresh
@@ -305,6 +311,42 @@ func (e *env) recordProfile(ctx context.Context, im *image) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// expandAt runs strata expand on im in the registry at addr (untimed but
+// for the log) and checks that the node will find the expansion there.
+func (e *env) expandAt(ctx context.Context, addr string, im *image) error {
+	t0 := time.Now()
+	out, err := exec.CommandContext(ctx, e.strata, "expand", "--plain-http", addr+"/"+im.repo()+":latest").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("strata expand: %w\n%s", err, tailString(string(out), 1500))
+	}
+	e.logf("  %s: strata expand took %.1f s: %s", im.Name, time.Since(t0).Seconds(), strings.TrimSpace(lastLine(string(out))))
+	return nil
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		return s[i+1:]
+	}
+	return s
+}
+
+// strataReferrers measures a cold start without a start-up profile on a
+// fresh node root from the CNCF registry, through the expansion
+// referrers strata expand pushed there (expandAt).
+func (e *env) strataReferrers(ctx context.Context, im *image, id string) report.Sample {
+	if im.expandErr != nil {
+		return report.Sample{Error: "no expansion referrer: " + im.expandErr.Error()}
+	}
+	root := filepath.Join(e.disk, "referrers-"+id)
+	defer e.removeNode(root)
+	s, stderr := e.strataRunOut(ctx, root, e.distProxy.Addr(), im, "--startup-profiles", "off")
+	if s.Error == "" && !strings.Contains(stderr, "lazy: expansion referrers") {
+		s.Error = "the node did not start lazily from the expansion referrers: " + tailString(stderr, 500)
+	}
+	return s
 }
 
 // strataFallback measures a full pull from the CNCF registry on a fresh

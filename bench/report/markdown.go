@@ -13,19 +13,23 @@ const (
 	StrataCold     = "strata-lazy-cold"
 	StrataProfiled = "strata-lazy-profiled"
 	StrataWarm     = "strata-lazy-warm"
-	Baseline       = Containerd
+	// StrataReferrers is a lazy start from the CNCF registry, through the
+	// expansion referrers strata expand pushed there.
+	StrataReferrers = "strata-referrers-cold"
+	Baseline        = Containerd
 )
 
 // SystemOrder lists the start-time systems in table order.
-var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataCold, StrataProfiled, StrataWarm}
+var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataReferrers, StrataCold, StrataProfiled, StrataWarm}
 
 // Describe says what each system measures.
 var Describe = map[string]string{
-	Containerd:     "containerd 1.6 (Debian): `ctr image pull` + `ctr run --rm`, fresh content store and snapshots",
-	StrataFallback: "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
-	StrataCold:     "strata lazy start: fresh node root and cache (its node daemon started before the clock, as containerd's is), image pushed and expanded, no start-up profile (`--startup-profiles off`): every read the workload makes that misses is a round trip",
-	StrataProfiled: "strata lazy start, fresh node root and cache, with the image's start-up profile: an earlier start on another node (before the timed runs) recorded what the workload read and stored it in the registry; the node fetches it with the layer indexes and prefetches it, in parallel, as the layers mount",
-	StrataWarm:     "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
+	Containerd:      "containerd 1.6 (Debian): `ctr image pull` + `ctr run --rm`, fresh content store and snapshots",
+	StrataFallback:  "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
+	StrataCold:      "strata lazy start: fresh node root and cache (its node daemon started before the clock, as containerd's is), image pushed and expanded, no start-up profile (`--startup-profiles off`): every read the workload makes that misses is a round trip",
+	StrataProfiled:  "strata lazy start, fresh node root and cache, with the image's start-up profile: an earlier start on another node (before the timed runs) recorded what the workload read and stored it in the registry; the node fetches it with the layer indexes and prefetches it, in parallel, as the layers mount",
+	StrataReferrers: "strata lazy start from the CNCF distribution registry (no layer-mount API, no Referrers API): `strata expand` pushed the expansion there beforehand (untimed), the node finds it through the referrers tag; fresh node root and cache, no start-up profile (`--startup-profiles off`); compare with strata-lazy-cold, the same from strata's registry",
+	StrataWarm:      "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
 }
 
 // Markdown renders the report as tables; charts are image files in the
