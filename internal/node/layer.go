@@ -290,29 +290,25 @@ func (m *Manager) Resolve(ctx context.Context, ref remote.Reference) (*remote.Im
 	return m.client.Resolve(ctx, ref)
 }
 
-// MountLayer mounts one layer of an image in repo as a layer mount (FUSE,
-// shared and refcounted with every other user of the layer) and returns the
-// directory to use as an overlay lower. The layer's index is fetched once
-// and bound to l and diffID, as for Pull. Every successful call holds one
-// reference, which release drops (the layer is unmounted with its last
-// reference); release may be called more than once.
+// MountLayer mounts one layer of the image whose manifest is manifest in
+// repo as a layer mount (FUSE, shared and refcounted with every other user
+// of the layer) and returns the directory to use as an overlay lower. The
+// layer's index is fetched once, from the registry's layer mounts or else
+// an expansion referrer of manifest, and bound to l and diffID, as for
+// Pull. Every successful call holds one reference, which release drops
+// (the layer is unmounted with its last reference); release may be called
+// more than once.
 //
-// A registry without layer mounts, or a layer it cannot expand, is an error
+// A layer without either, or one the registry cannot expand, is an error
 // wrapping ErrNoLayerMount whose text says why. A layer this node already
 // unpacked (a fallback Pull) is returned as its unpacked tree.
-func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error) {
+func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, manifest digest.Digest, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error) {
 	// A layer whose index this node holds is mounted without asking the
 	// registry (a restarted snapshotter restores its snapshots offline).
 	if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "index")); err != nil {
-		if lazy, reason := m.offersMounts(ctx, repo.Registry); !lazy {
-			return "", nil, fmt.Errorf("layer %s: %w: %s", l.Digest, ErrNoLayerMount, reason)
+		if err := m.fetchLayerIndex(ctx, repo, manifest, l, diffID); err != nil {
+			return "", nil, err
 		}
-	}
-	if err := m.fetchIndex(ctx, repo, l, diffID); err != nil {
-		if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) {
-			return "", nil, fmt.Errorf("%w: %w", ErrNoLayerMount, err)
-		}
-		return "", nil, err
 	}
 	ly, err := m.ref(ctx, &Image{Registry: repo.Registry, Repo: repo.Name}, l, nil)
 	if err != nil {
@@ -322,10 +318,72 @@ func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, l ocis
 	return ly.dir, func() { once.Do(func() { m.unref(ly) }) }, nil
 }
 
+// fetchLayerIndex fetches, binds and saves layer l's index for MountLayer:
+// from the layer-mount API, or an expansion referrer of manifest.
+func (m *Manager) fetchLayerIndex(ctx context.Context, repo remote.Repository, manifest digest.Digest, l ocispec.Descriptor, diffID digest.Digest) error {
+	lazy, reason := m.offersMounts(ctx, repo.Registry)
+	if lazy {
+		err := m.fetchIndex(ctx, repo, l, diffID)
+		if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) {
+			return fmt.Errorf("%w: %w", ErrNoLayerMount, err)
+		}
+		return err
+	}
+	if manifest == "" {
+		return fmt.Errorf("layer %s: %w: %s", l.Digest, ErrNoLayerMount, reason)
+	}
+	exps, err := m.expansionOf(ctx, repo, manifest)
+	if err != nil {
+		return fmt.Errorf("layer %s: %w: %s; looking for an expansion referrer failed: %w", l.Digest, ErrNoLayerMount, reason, err)
+	}
+	if _, ok := exps[l.Digest]; !ok {
+		return fmt.Errorf("layer %s: %w: %s and no expansion referrer of %s lists it", l.Digest, ErrNoLayerMount, reason, manifest)
+	}
+	md, raw, ix, err := m.getReferredIndex(ctx, repo, l, exps)
+	if err == nil && raw != nil {
+		err = m.saveIndex(l, diffID, md, raw, ix)
+	}
+	if errors.Is(err, errNotBound) || errors.Is(err, remote.ErrNotFound) {
+		m.log.Warn("refusing an expansion that is not the layer's", "layer", l.Digest, "err", err)
+		return fmt.Errorf("%w: %w", ErrNoLayerMount, err)
+	}
+	return err
+}
+
+// expansionOf is findExpansion for MountLayer, which is called once per
+// layer of an image: the answer for a manifest is kept a minute.
+func (m *Manager) expansionOf(ctx context.Context, repo remote.Repository, manifest digest.Digest) (map[digest.Digest]api.LayerExpansion, error) {
+	k := repo.String() + "@" + manifest.String()
+	m.mu.Lock()
+	c, ok := m.expansions[k]
+	m.mu.Unlock()
+	if ok && time.Since(c.at) < time.Minute {
+		return c.exps, nil
+	}
+	exps, err := m.findExpansion(ctx, repo, manifest)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	for k, c := range m.expansions {
+		if time.Since(c.at) >= time.Minute {
+			delete(m.expansions, k)
+		}
+	}
+	m.expansions[k] = cachedExpansion{exps: exps, at: time.Now()}
+	m.mu.Unlock()
+	return exps, nil
+}
+
 // OffersMounts reports whether registry serves layer mounts (asked once and
 // remembered), and if not, why.
 func (m *Manager) OffersMounts(ctx context.Context, registry string) (bool, string) {
 	return m.offersMounts(ctx, registry)
+}
+
+type cachedExpansion struct {
+	exps map[digest.Digest]api.LayerExpansion
+	at   time.Time
 }
 
 // unmountLayer unmounts lazy layer l and closes its file system; a mount

@@ -122,10 +122,12 @@ type Manager struct {
 	// fetchedMu serializes addFetched.
 	fetchedMu sync.Mutex
 
-	mu     sync.Mutex
-	info   map[string]bool // registry → offers layer mounts
-	layers map[digest.Digest]*layer
-	leases map[string]*Lease
+	mu   sync.Mutex
+	info map[string]bool // registry → offers layer mounts
+	// expansions: expansion referrers found by MountLayer, by repo@manifest
+	expansions map[string]cachedExpansion
+	layers     map[digest.Digest]*layer
+	leases     map[string]*Lease
 	// downloads in progress (fallback pulls), for progress bars
 	downloads map[digest.Digest]*Download
 	// decoded indexes saved by a pull, for the mount that follows
@@ -156,7 +158,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m := &Manager{
 		opts: opts, root: opts.Root, log: log, cache: c, mounter: opts.Mounter,
-		info:   map[string]bool{},
+		info: map[string]bool{}, expansions: map[string]cachedExpansion{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{},
 		decoded:   map[digest.Digest]*layerindex.Index{},

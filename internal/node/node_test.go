@@ -544,7 +544,7 @@ func TestMountLayer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir, release, err := m.MountLayer(ctx, ref.Repository, layers[0], img.Config.RootFS.DiffIDs[0])
+	dir, release, err := m.MountLayer(ctx, ref.Repository, img.Digest, layers[0], img.Config.RootFS.DiffIDs[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -552,7 +552,7 @@ func TestMountLayer(t *testing.T) {
 		t.Errorf("mounted %v, want %s", mounted, dir)
 	}
 	// Bound to its diff ID: another layer's is refused.
-	if _, _, err := m.MountLayer(ctx, ref.Repository, layers[1], img.Config.RootFS.DiffIDs[0]); err == nil {
+	if _, _, err := m.MountLayer(ctx, ref.Repository, img.Digest, layers[1], img.Config.RootFS.DiffIDs[0]); err == nil {
 		t.Error("a layer was mounted under another layer's diff ID")
 	}
 	release()
@@ -569,7 +569,7 @@ func TestMountLayer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := m.MountLayer(ctx, pref.Repository, pimg.Manifest.Layers[0], pimg.Config.RootFS.DiffIDs[0]); !errors.Is(err, node.ErrNoLayerMount) {
+	if _, _, err := m.MountLayer(ctx, pref.Repository, pimg.Digest, pimg.Manifest.Layers[0], pimg.Config.RootFS.DiffIDs[0]); !errors.Is(err, node.ErrNoLayerMount) {
 		t.Errorf("layer of a registry without layer mounts: %v, want ErrNoLayerMount", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -215,5 +216,36 @@ func TestPullNoExpansion(t *testing.T) {
 		if img.Mode != node.ModeUnpacked || img.Source != "" || !strings.Contains(img.Reason, "no expansion referrer") {
 			t.Errorf("no Referrers API %v: pulled %s from %q (%s), want a full pull saying there is no expansion referrer", noAPI, img.Mode, img.Source, img.Reason)
 		}
+	}
+}
+
+// TestMountLayerReferrers: the snapshotter's path (MountLayer, one layer
+// at a time) mounts from an expansion referrer too, and refuses a layer
+// whose expansion lies.
+func TestMountLayerReferrers(t *testing.T) {
+	ctx := context.Background()
+	base, host := plainRegistry(t, true)
+	layers := pushImage(t, base, "app", "v1", 2)
+	subject := manifestOf(t, base, "app", "v1")
+	good, _ := expansionOf(t, base, "app", layers[0])
+	lie, _ := expansionOf(t, base, "app", layers[1])
+	lie.Index = good.Index // layer 0's index, offered for layer 1
+	pushArtifact(t, base, "app", subject, []api.LayerExpansion{good, lie}, true)
+
+	f := newFakeMounter()
+	m := openNode(t, t.TempDir(), f, node.Options{})
+	defer m.Close(ctx)
+	ref, _ := remote.ParseReference(host + "/app:v1")
+	img, err := m.Resolve(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, release, err := m.MountLayer(ctx, ref.Repository, img.Digest, layers[0], img.Config.RootFS.DiffIDs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	if _, _, err := m.MountLayer(ctx, ref.Repository, img.Digest, layers[1], img.Config.RootFS.DiffIDs[1]); !errors.Is(err, node.ErrNoLayerMount) {
+		t.Errorf("a lying expansion: %v, want ErrNoLayerMount", err)
 	}
 }

@@ -62,7 +62,10 @@ type remoteRecord struct {
 	Ref        string             `json:"ref"`
 	Registry   string             `json:"registry"`
 	Repository string             `json:"repository"`
-	Layer      ocispec.Descriptor `json:"layer"`
+	// Manifest is the image manifest the layer was mounted for (its
+	// expansion referrer names it; empty in older records).
+	Manifest digest.Digest      `json:"manifest,omitempty"`
+	Layer    ocispec.Descriptor `json:"layer"`
 	DiffID     digest.Digest      `json:"diffID"`
 }
 
@@ -99,9 +102,6 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent string, t t
 			ref.Digest = d
 		}
 	}
-	if ok, reason := s.layers.OffersMounts(ctx, ref.Registry); !ok {
-		return fmt.Errorf("%s: %s", ref.Registry, reason)
-	}
 	img, err := s.resolve(ctx, ref)
 	if err != nil {
 		return err
@@ -110,13 +110,13 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent string, t t
 	if err != nil {
 		return err
 	}
-	dir, release, err := s.layers.MountLayer(ctx, ref.Repository, desc, diffID)
+	dir, release, err := s.layers.MountLayer(ctx, ref.Repository, img.Digest, desc, diffID)
 	if err != nil {
 		return err
 	}
 	rec := remoteRecord{
 		Ref: ref.String(), Registry: ref.Registry, Repository: ref.Name,
-		Layer: desc, DiffID: diffID,
+		Manifest: img.Digest, Layer: desc, DiffID: diffID,
 	}
 	b, _ := json.MarshalIndent(rec, "", "  ")
 	var id string
@@ -226,7 +226,7 @@ func (s *Snapshotter) restore(ctx context.Context) {
 			err = errors.New("layer mounts are not configured")
 		default:
 			repo := remote.Repository{Registry: r.rec.Registry, Name: r.rec.Repository}
-			r.dir, r.release, err = s.layers.MountLayer(ctx, repo, r.rec.Layer, r.rec.DiffID)
+			r.dir, r.release, err = s.layers.MountLayer(ctx, repo, r.rec.Manifest, r.rec.Layer, r.rec.DiffID)
 		}
 		if err != nil {
 			r.err = err

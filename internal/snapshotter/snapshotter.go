@@ -48,15 +48,15 @@ import (
 // resolves images and mounts their layers lazily, shared and refcounted.
 // Registries are reached as the node's hosts configuration says.
 type Layers interface {
-	// OffersMounts reports whether registry serves layer mounts, and if
-	// not, why.
-	OffersMounts(ctx context.Context, registry string) (bool, string)
 	// Resolve resolves ref to one platform's manifest and config.
 	Resolve(ctx context.Context, ref remote.Reference) (*remote.Image, error)
-	// MountLayer mounts layer l of an image in repo, bound to diffID, and
-	// returns the directory to use as an overlay lower; release drops the
-	// reference it holds (it may be called more than once).
-	MountLayer(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error)
+	// MountLayer mounts layer l of the image whose manifest is manifest in
+	// repo, bound to diffID, from the registry's layer mounts or an
+	// expansion referrer of the manifest, and returns the directory to use
+	// as an overlay lower; release drops the reference it holds (it may be
+	// called more than once). A layer that has neither is an error
+	// wrapping node.ErrNoLayerMount.
+	MountLayer(ctx context.Context, repo remote.Repository, manifest digest.Digest, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error)
 }
 
 // Options configure a Snapshotter.
