@@ -129,7 +129,12 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 			return nil, err
 		}
 		if cfg.wants(report.StrataReferrers) {
-			if im.expandErr = e.expandAt(ctx, e.distProxy.Addr(), im); im.expandErr != nil {
+			// A repository of its own: the others in the CNCF registry stay
+			// without expansion (strata-fallback must pull them whole).
+			if err := e.push(ctx, im.layout, e.referrersAddr()+"/"+im.repo()+":latest"); err != nil {
+				return nil, fmt.Errorf("push %s: %w", name, err)
+			}
+			if im.expandErr = e.expandAt(ctx, e.referrersAddr(), im); im.expandErr != nil {
 				e.logf("  %s: strata expand on the CNCF registry failed: %v", im.Name, im.expandErr)
 			}
 		}

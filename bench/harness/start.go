@@ -333,6 +333,10 @@ func lastLine(s string) string {
 	return s
 }
 
+// referrersAddr is where strataReferrers's images are: the CNCF registry,
+// under a prefix of their own.
+func (e *env) referrersAddr() string { return e.distProxy.Addr() + "/referrers" }
+
 // strataReferrers measures a cold start without a start-up profile on a
 // fresh node root from the CNCF registry, through the expansion
 // referrers strata expand pushed there (expandAt).
@@ -342,7 +346,7 @@ func (e *env) strataReferrers(ctx context.Context, im *image, id string) report.
 	}
 	root := filepath.Join(e.disk, "referrers-"+id)
 	defer e.removeNode(root)
-	s, stderr := e.strataRunOut(ctx, root, e.distProxy.Addr(), im, "--startup-profiles", "off")
+	s, stderr := e.strataRunOut(ctx, root, e.referrersAddr(), im, "--startup-profiles", "off")
 	if s.Error == "" && !strings.Contains(stderr, "lazy: expansion referrers") {
 		s.Error = "the node did not start lazily from the expansion referrers: " + tailString(stderr, 500)
 	}
@@ -354,7 +358,11 @@ func (e *env) strataReferrers(ctx context.Context, im *image, id string) report.
 func (e *env) strataFallback(ctx context.Context, im *image, id string) report.Sample {
 	root := filepath.Join(e.disk, "fallback-"+id)
 	defer e.removeNode(root)
-	return e.strataRun(ctx, root, e.distProxy.Addr(), im)
+	s, stderr := e.strataRunOut(ctx, root, e.distProxy.Addr(), im)
+	if s.Error == "" && !strings.Contains(stderr, "fallback: full pull") {
+		s.Error = "the node did not pull the image whole: " + tailString(stderr, 500)
+	}
+	return s
 }
 
 // removeNode stops the node daemon of root and removes everything of it.
