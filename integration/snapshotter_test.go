@@ -727,3 +727,40 @@ func TestSnapshotterCRIPython(t *testing.T) {
 		e.crictl(t, "rmi", py, pause)
 	})
 }
+
+// TestSnapshotterReferrers pulls through CRI with the strata snapshotter
+// from the CNCF distribution registry after `strata expand`: the layers
+// are mounted remotely from the expansion referrers (found through the
+// referrers tag) and a pod's container runs from them. Once per
+// containerd version.
+func TestSnapshotterReferrers(t *testing.T) {
+	testenv.RequireFUSE(t)
+	layout, _ := busyboxLayout(t)
+	addr := startDistribution(t)
+	pause, hello := addr+"/strata/pause:latest", addr+"/strata/hello:latest"
+	pushLayout(t, layout, "pause", pause)
+	pushLayout(t, layout, "hello", hello)
+	for _, ref := range []string{pause, hello} {
+		if out, errOut, code := strataNoRoot(t, "expand", "--plain-http", ref); code != 0 {
+			t.Fatalf("strata expand %s: exit %d\n%s%s", ref, code, out, errOut)
+		}
+	}
+	forEachContainerd(t, func(t *testing.T, cv containerdVersion) {
+		e := newCRIEnv(t, cv, pause)
+		e.plainHTTP(t, addr)
+
+		e.crictl(t, "pull", pause)
+		e.crictl(t, "pull", hello)
+		log, _ := os.ReadFile(e.snapLog)
+		if n := strings.Count(string(log), "layer mounted remotely"); n != 2 {
+			t.Errorf("snapshotter mounted %d layers remotely, want 2:\n%s", n, grepLines(string(log), "layer"))
+		}
+		pod, podCfg := e.runPod(t, "referrers")
+		if out := e.runContainer(t, pod, podCfg, hello, "hello"); out != "hello from a layer" {
+			t.Fatalf("container output %q", out)
+		}
+		e.crictl(t, "stopp", pod)
+		e.crictl(t, "rmp", pod)
+		e.crictl(t, "rmi", hello, pause)
+	})
+}
