@@ -1,15 +1,24 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
 
+	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/expand"
+	"github.com/strata-oci/strata/internal/mirror"
 	"github.com/strata-oci/strata/internal/registry"
+	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/store"
 )
 
@@ -19,6 +28,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	var workers int
 	var htpasswd string
 	var anonPull bool
+	var upstream, upUser, upPassFile string
+	var upTTL time.Duration
 	serve := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve an OCI registry with layer mounts from a directory (foreground)",
@@ -36,16 +47,27 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 					return err
 				}
 			}
+			var mir *mirror.Mirror
 			exp, err := expand.New(st, expand.Options{
-				Logger:  log,
-				Workers: workers,
-				OnDone:  func(outcome string) { metrics.Expansion.WithLabelValues(outcome).Inc() },
+				Logger:   log,
+				Workers:  workers,
+				OnDone:   func(outcome string) { metrics.Expansion.WithLabelValues(outcome).Inc() },
+				Fetching: func(repo string, d digest.Digest) bool { return mir != nil && mir.Fetching(repo, d) },
 			})
 			if err != nil {
 				return err
 			}
 			go exp.Run(cmd.Context())
-			reg := registry.New(st, registry.Options{Logger: log, Metrics: metrics, OnManifest: exp.OnManifest})
+			opts := registry.Options{Logger: log, Metrics: metrics, OnManifest: exp.OnManifest}
+			if upstream != "" {
+				if mir, err = newMirror(upstream, upUser, upPassFile, upTTL, st, exp, log); err != nil {
+					return usageError{cmd, err}
+				}
+				defer mir.Close()
+				opts.Upstream, opts.OnManifest = mir, nil
+				log.Info("read-only pull-through mirror", "upstream", upstream, "ttl", upTTL)
+			}
+			reg := registry.New(st, opts)
 			reg.Extension(api.Extension, exp.Handler(func(r *http.Request) (string, string) {
 				return registry.RepoFromContext(r.Context())
 			}))
@@ -68,6 +90,35 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
 	serve.Flags().StringVar(&cert, "tls-cert", "", "TLS certificate file (enables HTTPS)")
 	serve.Flags().StringVar(&key, "tls-key", "", "TLS key file")
+	serve.Flags().StringVar(&upstream, "upstream", "", "serve as a read-only pull-through mirror of this registry (https://registry-1.docker.io, http://HOST:PORT)")
+	serve.Flags().StringVar(&upUser, "upstream-username", "", "with --upstream: the account on the upstream")
+	serve.Flags().StringVar(&upPassFile, "upstream-password-file", "", "with --upstream: a file holding the account's password or token")
+	serve.Flags().DurationVar(&upTTL, "upstream-ttl", 10*time.Minute, "with --upstream: how long a tag is served before it is checked against the upstream again")
 	cmd.AddCommand(serve)
 	return cmd
+}
+
+// newMirror makes the mirror of the registry at upstream (a URL), with
+// static credentials when a username is given.
+func newMirror(upstream, user, passFile string, ttl time.Duration, st *store.Store, exp *expand.Service, log *slog.Logger) (*mirror.Mirror, error) {
+	u, err := url.Parse(upstream)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") != "" {
+		return nil, fmt.Errorf("--upstream %q: want http(s)://HOST[:PORT]", upstream)
+	}
+	hosts := &remote.Hosts{}
+	if u.Scheme == "http" {
+		hosts.AllowPlainHTTP(u.Host)
+	}
+	var creds remote.CredentialFunc
+	if user != "" {
+		b, err := os.ReadFile(passFile)
+		if err != nil {
+			return nil, fmt.Errorf("--upstream-password-file: %w", err)
+		}
+		c := remote.Credential{Username: user, Password: strings.TrimRight(string(b), "\r\n")}
+		creds = func(context.Context, string) (remote.Credential, error) { return c, nil }
+	}
+	client := remote.New(remote.Options{Hosts: hosts, Credentials: creds, Logger: log,
+		Retry: remote.RetryPolicy{Attempts: 3, MaxElapsed: 10 * time.Second}})
+	return mirror.New(mirror.Options{Store: st, Client: client, Registry: u.Host, TTL: ttl, OnManifest: exp.OnManifest, Logger: log}), nil
 }

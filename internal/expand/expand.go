@@ -64,6 +64,10 @@ type Options struct {
 	// OnDone, if set, is called after each expansion attempt with its
 	// outcome ("ok", "invalid", "error").
 	OnDone func(outcome string)
+	// Fetching, if set, reports whether a layer a repository lacks is on
+	// its way (a mirror fetching it from its upstream): a layer-mount
+	// request for it is answered 202, not 404.
+	Fetching func(repo string, layer digest.Digest) bool
 }
 
 // Service expands layers of one store.

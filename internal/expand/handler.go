@@ -76,7 +76,7 @@ func (s *Service) Handler(route RepoFunc) http.Handler {
 			b, _ := json.Marshal(md)
 			w.Header().Set("Content-Type", "application/json")
 			w.Write(b)
-		case errors.Is(err, ErrPending):
+		case errors.Is(err, ErrPending) || errors.Is(err, store.ErrBlobUnknown) && s.opts.Fetching != nil && s.opts.Fetching(repo, d):
 			w.Header().Set("Retry-After", strconv.Itoa(RetryAfter))
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(http.StatusAccepted)

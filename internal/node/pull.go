@@ -239,7 +239,7 @@ func (p *pull) bind(img *remote.Image) (fallback []int, lazy bool, reason string
 		case unpackAll:
 			fallback = append(fallback, i)
 		case err == nil:
-		case errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) || errors.Is(err, errNotBound):
+		case errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) || errors.Is(err, remote.ErrExpanding) || errors.Is(err, errNotBound):
 			// This layer is pulled the ordinary way; the others stay
 			// layer mounts.
 			if errors.Is(err, errNotBound) {

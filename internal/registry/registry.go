@@ -4,6 +4,7 @@ package registry
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -30,6 +31,21 @@ type Options struct {
 	OnManifest func(ctx context.Context, repo string, m store.Manifest)
 	// Metrics, if set, records request metrics.
 	Metrics *Metrics
+	// Upstream, if set, makes the registry a read-only pull-through
+	// mirror (package mirror): it is asked to fetch what the store lacks
+	// before a manifest or blob is read, and every write to the
+	// distribution API is refused.
+	Upstream Upstream
+}
+
+// Upstream is the registry a mirror serves (package mirror).
+type Upstream interface {
+	// Manifest makes sure the store can answer manifest ref (a tag or
+	// digest) of repo; store.ErrManifestUnknown when the upstream has none.
+	Manifest(ctx context.Context, repo, ref string) error
+	// Blob makes sure the store holds blob d of repo;
+	// store.ErrBlobUnknown when the upstream has none.
+	Blob(ctx context.Context, repo string, d digest.Digest) error
 }
 
 // Registry is an http.Handler for the distribution API.
@@ -140,6 +156,9 @@ func (reg *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var err error
+	if reg.opts.Upstream != nil && r.Method != "GET" && r.Method != "HEAD" && rt.kind != "ext" {
+		rt.kind, err = "", newErr(http.StatusMethodNotAllowed, "UNSUPPORTED", "this registry is a read-only mirror")
+	}
 	switch rt.kind {
 	case "base":
 		err = methods(r, "GET", "HEAD")
@@ -317,6 +336,9 @@ func (reg *Registry) resolve(ctx context.Context, repo, ref string) (digest.Dige
 }
 
 func (reg *Registry) getManifest(w http.ResponseWriter, r *http.Request, repo, ref string) error {
+	if err := reg.fromUpstream(reg.opts.Upstream != nil, func() error { return reg.opts.Upstream.Manifest(r.Context(), repo, ref) }); err != nil {
+		return err
+	}
 	d, err := reg.resolve(r.Context(), repo, ref)
 	if err != nil {
 		return err
@@ -452,11 +474,28 @@ func (reg *Registry) referrers(w http.ResponseWriter, r *http.Request, repo, ref
 	return writeJSON(w, ocispec.MediaTypeImageIndex, idx)
 }
 
+// fromUpstream runs fetch, a mirror's fetch from its upstream, when on: a
+// failure other than the upstream's "unknown" is 503.
+func (reg *Registry) fromUpstream(on bool, fetch func() error) error {
+	if !on {
+		return nil
+	}
+	err := fetch()
+	if err == nil || errors.Is(err, store.ErrManifestUnknown) || errors.Is(err, store.ErrBlobUnknown) {
+		return err
+	}
+	reg.log.Warn("mirror: upstream fetch failed", "err", err)
+	return newErr(http.StatusServiceUnavailable, "UNAVAILABLE", "the upstream registry cannot be reached: "+err.Error())
+}
+
 // ---- blobs ----
 
 func (reg *Registry) getBlob(w http.ResponseWriter, r *http.Request, repo, ref string) error {
 	d, err := parseDigest(ref)
 	if err != nil {
+		return err
+	}
+	if err := reg.fromUpstream(reg.opts.Upstream != nil, func() error { return reg.opts.Upstream.Blob(r.Context(), repo, d) }); err != nil {
 		return err
 	}
 	f, err := reg.store.OpenBlob(r.Context(), repo, d)

@@ -236,3 +236,15 @@ func (c *Client) profileArtifact(ctx context.Context, repo Repository, m digest.
 	p.Pack = nil
 	return &p, nil
 }
+
+// FetchManifest fetches the manifest or index ref (a tag or a digest)
+// names in repo, as it is: verified against the digest when ref is one,
+// else against the registry's Docker-Content-Digest when it sends one. It
+// returns the bytes, media type and digest.
+func (c *Client) FetchManifest(ctx context.Context, repo Repository, ref string) ([]byte, string, digest.Digest, error) {
+	var want digest.Digest
+	if d, err := digest.Parse(ref); err == nil {
+		want = d
+	}
+	return c.fetchManifest(ctx, repo, ref, want, -1)
+}
