@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -22,6 +23,15 @@ const distributionVersion = "github.com/distribution/distribution/v3/cmd/registr
 // startDistribution runs the CNCF distribution registry on a free port.
 func startDistribution(t *testing.T) string {
 	t.Helper()
+	addr, _ := startDistributionWith(t, "")
+	return addr
+}
+
+// startDistributionWith runs the CNCF distribution registry on a free
+// port with extra YAML appended to its configuration (an auth section);
+// stop stops it early (it is stopped at the test's end anyway).
+func startDistributionWith(t *testing.T, extra string) (addr string, stop func()) {
+	t.Helper()
 	bin := filepath.Join(testimage.DefaultCacheDir, "bin", "distribution-v3.0.0")
 	if _, err := os.Stat(filepath.Join(bin, "registry")); err != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -34,9 +44,9 @@ func startDistribution(t *testing.T) string {
 			testenv.Unavailable(t, "cannot build the distribution registry: "+err.Error()+"\n"+tail(string(out), 2000))
 		}
 	}
-	addr := freeAddr(t)
+	addr = freeAddr(t)
 	dir := t.TempDir()
-	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr)
+	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: %s\n", filepath.Join(dir, "data"), addr) + extra
 	os.WriteFile(filepath.Join(dir, "config.yml"), []byte(cfg), 0o644)
 	cmd := exec.Command(filepath.Join(bin, "registry"), "serve", filepath.Join(dir, "config.yml"))
 	logf, _ := os.Create(filepath.Join(dir, "log"))
@@ -44,16 +54,18 @@ func startDistribution(t *testing.T) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
+	var once sync.Once
+	stop = func() { once.Do(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() }) }
+	t.Cleanup(stop)
 	for i := 0; i < 100; i++ {
 		if c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond); err == nil {
 			c.Close()
-			return addr
+			return addr, stop
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatal("distribution registry did not start")
-	return ""
+	return "", nil
 }
 
 // TestRunFallback runs the Debian+python3 image from a registry without
