@@ -1,21 +1,25 @@
 package expand
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/atomicfile"
+	"github.com/strata-oci/strata/internal/store"
 	"github.com/strata-oci/strata/layerindex"
 )
 
@@ -41,7 +45,7 @@ func (s *Service) Profile(ctx context.Context, repo string, m digest.Digest) ([]
 	}
 	b, err := os.ReadFile(s.profilePath(repo, m))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, ErrNoProfile
+		return s.referredProfile(ctx, repo, m)
 	}
 	return b, err
 }
@@ -168,5 +172,82 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 	if old.Pack != nil && (p.Pack == nil || old.Pack.Digest != p.Pack.Digest) {
 		s.st.DeleteBlob(ctx, repo, old.Pack.Digest)
 	}
+	if err := s.publishProfile(ctx, repo, man, b, p.Pack); err != nil {
+		s.log.Warn("start-up profile not published as a referrer", "repo", repo, "manifest", m, "err", err)
+	}
 	return nil
+}
+
+// publishProfile publishes profile b of manifest man (and its pack) as a
+// profile artifact referring to it, so that clients that copy an image
+// with its referrers (oras cp -r) carry it to any registry; the artifact
+// of the profile it replaces is removed.
+func (s *Service) publishProfile(ctx context.Context, repo string, man store.Manifest, b []byte, pack *api.Pack) error {
+	pd := ocispec.Descriptor{MediaType: api.MediaTypeProfile, Digest: digest.FromBytes(b), Size: int64(len(b))}
+	if err := s.st.PutBlob(ctx, repo, pd.Digest, pd.Size, bytes.NewReader(b)); err != nil {
+		return err
+	}
+	var packDesc *ocispec.Descriptor
+	if pack != nil {
+		packDesc = &ocispec.Descriptor{MediaType: api.MediaTypePack, Digest: pack.Digest, Size: pack.Size}
+	}
+	empty := ocispec.DescriptorEmptyJSON
+	if err := s.st.PutBlob(ctx, repo, empty.Digest, empty.Size, bytes.NewReader(empty.Data)); err != nil {
+		return err
+	}
+	art, err := api.ProfileArtifact(ocispec.Descriptor{MediaType: man.MediaType, Digest: man.Digest, Size: int64(len(man.Content))}, pd, packDesc)
+	if err != nil {
+		return err
+	}
+	ad := digest.FromBytes(art)
+	err = s.st.PutManifest(ctx, repo,
+		store.Manifest{Digest: ad, MediaType: ocispec.MediaTypeImageManifest, Content: art, Subject: man.Digest},
+		store.ManifestMeta{Subject: man.Digest, ArtifactType: api.ArtifactTypeProfile}, nil)
+	if err != nil {
+		return err
+	}
+	side := s.profilePath(repo, man.Digest) + ".artifact"
+	if old, err := os.ReadFile(side); err == nil {
+		if od, err := digest.Parse(string(old)); err == nil && od != ad {
+			s.st.DeleteManifest(ctx, repo, od)
+		}
+	}
+	return atomicfile.Write(side, []byte(ad.String()))
+}
+
+// referredProfile returns the profile of a profile artifact in repo that
+// refers to manifest m (one a client copied here with the image), without
+// its pack: this registry did not make it, and its bytes are checked only
+// against digests the profile gives.
+func (s *Service) referredProfile(ctx context.Context, repo string, m digest.Digest) ([]byte, error) {
+	refs, err := s.st.Referrers(ctx, repo, m)
+	if err != nil {
+		return nil, ErrNoProfile
+	}
+	for _, d := range refs {
+		if d.ArtifactType != api.ArtifactTypeProfile {
+			continue
+		}
+		am, err := s.st.GetManifest(ctx, repo, d.Digest)
+		if err != nil {
+			continue
+		}
+		pd, _, err := api.ParseProfileArtifact(am.Content, m)
+		if err != nil {
+			continue
+		}
+		f, err := s.st.OpenBlob(ctx, repo, pd.Digest)
+		if err != nil {
+			continue
+		}
+		b, err := io.ReadAll(io.LimitReader(f, api.MaxProfileBytes+1))
+		f.Close()
+		var p api.Profile
+		if err != nil || len(b) > api.MaxProfileBytes || json.Unmarshal(b, &p) != nil {
+			continue
+		}
+		p.Pack = nil
+		return json.Marshal(&p)
+	}
+	return nil, ErrNoProfile
 }

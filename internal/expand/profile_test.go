@@ -9,6 +9,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/ocilayout"
@@ -179,5 +180,66 @@ func TestProfilePack(t *testing.T) {
 	wantSpans := [][3]int64{{0, big + 10, 5000}, {0, big + 300000, 200000}, {0, hello, 6}}
 	if !slices.Equal(k.Spans, wantSpans) {
 		t.Errorf("spans %v, want %v", k.Spans, wantSpans)
+	}
+}
+
+// TestProfileReferrer: a stored profile is also published as a profile
+// artifact referring to its image (one, replaced with the profile), so
+// that a copy of the image with its referrers carries it; in the
+// repository it is copied to, the profile route serves it, without a
+// pack.
+func TestProfileReferrer(t *testing.T) {
+	srv := start(t, t.TempDir())
+	defer srv.stop()
+	m, layer, md, _ := mountedImage(t, srv)
+	url := srv.URL + api.ProfilePath("lib/app", m)
+	referrers := func(repo string) ocispec.Index {
+		t.Helper()
+		code, _, body := req(t, "GET", srv.URL+"/v2/"+repo+"/referrers/"+m.String()+"?artifactType="+api.ArtifactTypeProfile, nil)
+		var idx ocispec.Index
+		if code != 200 || json.Unmarshal(body, &idx) != nil {
+			t.Fatalf("referrers: %d %s", code, body)
+		}
+		return idx
+	}
+	for _, frames := range [][]int{{0, 1}, {1}} {
+		b, _ := json.Marshal(api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: frames}}})
+		if code, _, body := req(t, "PUT", url, b, "Content-Type", "application/json"); code != http.StatusCreated {
+			t.Fatalf("PUT: %d %s", code, body)
+		}
+	}
+	idx := referrers("lib/app")
+	if len(idx.Manifests) != 1 {
+		t.Fatalf("%d profile artifacts, want 1 (the replaced one removed)", len(idx.Manifests))
+	}
+
+	// Copy the image and the artifact to another repository, as oras cp -r does.
+	copyTo := func(repo, ref, mediaType string) {
+		t.Helper()
+		code, _, body := req(t, "GET", srv.URL+"/v2/lib/app/manifests/"+ref, nil, "Accept", mediaType)
+		if code != 200 {
+			t.Fatalf("GET manifest %s: %d", ref, code)
+		}
+		var doc ocispec.Manifest
+		json.Unmarshal(body, &doc)
+		for _, d := range append([]ocispec.Descriptor{doc.Config}, doc.Layers...) {
+			_, _, blob := req(t, "GET", srv.URL+"/v2/lib/app/blobs/"+d.Digest.String(), nil)
+			if code, _, b := req(t, "POST", srv.URL+"/v2/"+repo+"/blobs/uploads/?digest="+d.Digest.String(), blob); code != 201 {
+				t.Fatalf("copy blob: %d %s", code, b)
+			}
+		}
+		if code, _, b := req(t, "PUT", srv.URL+"/v2/"+repo+"/manifests/"+ref, body, "Content-Type", mediaType); code != 201 {
+			t.Fatalf("copy manifest: %d %s", code, b)
+		}
+	}
+	copyTo("copy/app", m.String(), ocispec.MediaTypeImageManifest)
+	if code, _, _ := req(t, "GET", srv.URL+api.ProfilePath("copy/app", m), nil); code != 404 {
+		t.Fatalf("profile before its artifact was copied: %d", code)
+	}
+	copyTo("copy/app", idx.Manifests[0].Digest.String(), ocispec.MediaTypeImageManifest)
+	code, _, body := req(t, "GET", srv.URL+api.ProfilePath("copy/app", m), nil)
+	var got api.Profile
+	if code != 200 || json.Unmarshal(body, &got) != nil || len(got.Layers) != 1 || !slices.Equal(got.Layers[0].Frames, []int{1}) || got.Pack != nil {
+		t.Errorf("profile from the copied artifact: %d %s", code, body)
 	}
 }
