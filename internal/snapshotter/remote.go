@@ -59,14 +59,14 @@ func targetOf(labels map[string]string) (target, bool) {
 // again after a restart (the registry is reached as the node's hosts
 // configuration says; a plainHTTP field of older records is ignored).
 type remoteRecord struct {
-	Ref        string             `json:"ref"`
-	Registry   string             `json:"registry"`
-	Repository string             `json:"repository"`
+	Ref        string `json:"ref"`
+	Registry   string `json:"registry"`
+	Repository string `json:"repository"`
 	// Manifest is the image manifest the layer was mounted for (its
 	// expansion referrer names it; empty in older records).
 	Manifest digest.Digest      `json:"manifest,omitempty"`
 	Layer    ocispec.Descriptor `json:"layer"`
-	DiffID     digest.Digest      `json:"diffID"`
+	DiffID   digest.Digest      `json:"diffID"`
 }
 
 // remoteLayer is the mounted layer of a remote snapshot.
