@@ -1,9 +1,14 @@
 package nodeapi_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -281,4 +286,62 @@ func stopDaemon(t *testing.T, root string) {
 		t.Fatalf("the daemon did not exit: %v", err)
 	}
 	unlock()
+}
+
+// TestStopRefusesLateRequests: a daemon stopped (SIGTERM) while leases are
+// held takes no request from then on: one that reaches it as it stops is
+// answered as by a daemon exiting (503), not served on layers about to be
+// unmounted.
+func TestStopRefusesLateRequests(t *testing.T) {
+	root := t.TempDir()
+	b := &fakeBackend{hosts: &remote.Hosts{}}
+	if _, err := b.Acquire(context.Background(), node.AcquireRequest{ID: "container:held", Ref: "r.example/app:v1"}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- nodeapi.Serve(ctx, b, nodeapi.ServeOptions{Root: root}) }()
+	sock := nodeapi.SocketPath(root)
+	var conn net.Conn
+	for end := time.Now().Add(10 * time.Second); ; {
+		var err error
+		if conn, err = net.Dial("unix", sock); err == nil {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("the daemon did not listen: %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	defer conn.Close()
+
+	cancel()
+	// The daemon removes its socket once it takes no more requests.
+	for end := time.Now().Add(10 * time.Second); ; {
+		if _, err := os.Stat(sock); errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatal("the daemon did not remove its socket")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	req := `{"id":"container:late","ref":"r.example/app:v1"}`
+	fmt.Fprintf(conn, "POST /v1/leases HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(req), req)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("the late request was not answered: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "the node daemon is exiting") {
+		t.Errorf("late request: %s %s, want 503, the node daemon is exiting", resp.Status, body)
+	}
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+	if ls := b.Leases(); len(ls) != 1 || ls[0].ID != "container:held" {
+		t.Errorf("leases after stop: %v, want only the one held before", ls)
+	}
 }

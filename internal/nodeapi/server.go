@@ -54,7 +54,9 @@ type ServeOptions struct {
 
 // Serve answers the daemon's requests for b until ctx is done or it has
 // been idle for opts.IdleTimeout; then it stops taking requests, removes
-// its socket and closes b.
+// its socket and closes b. When ctx is done it stops even while leases are
+// held: a request that reaches it from then on is refused (503) as by a
+// daemon going idle, never served on layers about to be unmounted.
 func Serve(ctx context.Context, b Backend, opts ServeOptions) error {
 	log := opts.Logger
 	if log == nil {
@@ -84,6 +86,10 @@ func Serve(ctx context.Context, b Backend, opts ServeOptions) error {
 	for {
 		select {
 		case <-ctx.Done():
+			// Stopped (SIGTERM): leases or not, no request is taken from
+			// now on, as the layers are unmounted below.
+			d.stop()
+			log.Info("node daemon stopping")
 		case err := <-errc:
 			os.Remove(sock)
 			b.Close(context.Background())
@@ -103,7 +109,6 @@ func Serve(ctx context.Context, b Backend, opts ServeOptions) error {
 		}
 		break
 	}
-	d.close()
 	// No connection may be dropped unanswered, or its client could not
 	// tell whether its request was served. The socket goes first, so no
 	// new client connects (and none finds the next daemon's socket
@@ -193,6 +198,13 @@ func (d *daemon) close() bool {
 	}
 	d.closing = true
 	return true
+}
+
+// stop stops the daemon taking requests, whatever is under way.
+func (d *daemon) stop() {
+	d.mu.Lock()
+	d.closing = true
+	d.mu.Unlock()
 }
 
 // closeIdle closes the daemon as close does, unless a client holds root's
