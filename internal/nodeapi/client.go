@@ -86,6 +86,9 @@ func (c *Client) ensure(ctx context.Context) error {
 		return err
 	}
 	defer logf.Close()
+	if err := ctx.Err(); err != nil { // the client gave up: start no daemon
+		return err
+	}
 	cmd := exec.Command(c.start[0], c.start[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

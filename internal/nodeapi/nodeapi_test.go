@@ -190,6 +190,18 @@ func TestRequests(t *testing.T) {
 	}
 }
 
+// TestDialDone: a client whose context is done starts no daemon.
+func TestDialDone(t *testing.T) {
+	root := t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	// A start command that cannot run: starting it would fail otherwise.
+	start := []string{filepath.Join(t.TempDir(), "strata")}
+	if _, err := nodeapi.Dial(ctx, root, start); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Dial with a done context: %v, want %v", err, context.Canceled)
+	}
+}
+
 // TestStartOnce starts many clients at once on a fresh root, round after
 // round: one daemon starts, and every client connects to it.
 func TestStartOnce(t *testing.T) {
