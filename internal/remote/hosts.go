@@ -19,7 +19,8 @@ type Host struct {
 type Hosts struct {
 	// Config, if set, is the configured answer for a registry (for
 	// instance containerd's hosts directory, or IsLoopback for test
-	// registries); what AllowPlainHTTP records is added to it.
+	// registries), asked for the registries AllowPlainHTTP has not
+	// marked.
 	Config func(registry string) Host
 
 	mu    sync.RWMutex
@@ -37,16 +38,18 @@ func (h *Hosts) Lookup(registry string) Host {
 	if h == nil {
 		return Host{}
 	}
-	var host Host
-	if h.Config != nil {
-		host = h.Config(registry)
-	}
+	// What AllowPlainHTTP recorded is the whole answer while a Host holds
+	// only the scheme; Config (which may read files) is not asked.
 	h.mu.RLock()
-	if h.plain[registry] {
-		host.PlainHTTP = true
-	}
+	plain := h.plain[registry]
 	h.mu.RUnlock()
-	return host
+	if plain {
+		return Host{PlainHTTP: true}
+	}
+	if h.Config != nil {
+		return h.Config(registry)
+	}
+	return Host{}
 }
 
 // AllowPlainHTTP records that registry is reached over plain HTTP from now

@@ -27,3 +27,21 @@ func TestHosts(t *testing.T) {
 		t.Error("the zero Hosts forgot AllowPlainHTTP")
 	}
 }
+
+// TestHostsPlainFirst: a registry marked plain HTTP is answered from
+// memory, without asking Config (which may read files on every call).
+func TestHostsPlainFirst(t *testing.T) {
+	calls := 0
+	h := &remote.Hosts{Config: func(string) remote.Host { calls++; return remote.Host{} }}
+	h.AllowPlainHTTP("r.example")
+	if !h.Lookup("r.example").PlainHTTP {
+		t.Error("AllowPlainHTTP's registry is not reached over plain HTTP")
+	}
+	if calls != 0 {
+		t.Errorf("Config was asked %d times for a registry marked plain HTTP", calls)
+	}
+	h.Lookup("s.example")
+	if calls != 1 {
+		t.Errorf("Config was asked %d times for another registry, want 1", calls)
+	}
+}
