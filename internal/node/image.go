@@ -95,11 +95,21 @@ func (m *Manager) image(ctx context.Context, ref string) (*Image, error) {
 		if b, err := os.ReadFile(imagePath(m.root, r.String())); err == nil {
 			var img Image
 			if json.Unmarshal(b, &img) == nil {
+				m.reachAsPulled(&img)
 				return &img, nil
 			}
 		}
 	}
 	return m.Pull(ctx, ref)
+}
+
+// reachAsPulled marks the registry of img as reached over plain HTTP if img
+// was pulled that way (--plain-http, perhaps before the node restarted):
+// its layers' frames come from there.
+func (m *Manager) reachAsPulled(img *Image) {
+	if img.PlainHTTP {
+		m.client.Hosts().AllowPlainHTTP(img.Registry)
+	}
 }
 
 // RemoveImage forgets a pulled image; its layers stay while leases use them.

@@ -48,10 +48,7 @@ func (m *Manager) restore(ctx context.Context) {
 			os.Remove(p)
 			continue
 		}
-		if l.Image.PlainHTTP {
-			// Its layers' frames come from where the image was pulled.
-			m.client.Hosts().AllowPlainHTTP(l.Image.Registry)
-		}
+		m.reachAsPulled(l.Image)
 		_, err = m.acquire(ctx, l.ID, l.Image, l.Union, l.PID, false)
 		if errors.Is(err, errNotPulled) {
 			// A saved index lost to a crash: fetch the image's indexes

@@ -73,7 +73,7 @@ type Options struct {
 	// Remote is the registry client. Its Hosts resolver is the node's:
 	// a registry a request reaches over plain HTTP is marked there
 	// (AllowPlainHTTP), and so is one an image was pulled from that way
-	// when its lease is restored.
+	// when a lease on the image is taken or restored.
 	Remote *remote.Client
 	// FetchTimeout bounds a read that must fetch from the registry; past it
 	// the read fails with EIO (0: layerfs's default).

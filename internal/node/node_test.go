@@ -573,3 +573,40 @@ func TestMountLayer(t *testing.T) {
 		t.Errorf("layer of a registry without layer mounts: %v, want ErrNoLayerMount", err)
 	}
 }
+
+// TestPlainHTTPRemembered: an image pulled over plain HTTP (--plain-http)
+// is reached that way again when a node started anew takes a lease on it,
+// without the flag.
+func TestPlainHTTPRemembered(t *testing.T) {
+	ctx := context.Background()
+	_, host := testRegistry(t, true)
+	pushImage(t, "http://"+host, "app", "v1", 2)
+	root := t.TempDir()
+	open := func() (*node.Manager, *remote.Hosts) {
+		hosts := &remote.Hosts{} // HTTPS unless told
+		m, err := node.Open(ctx, node.Options{Root: root, Mounter: newFakeMounter(), CompleteMax: -1,
+			Remote: remote.New(remote.Options{Hosts: hosts})})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m, hosts
+	}
+	m, hosts := open()
+	hosts.AllowPlainHTTP(host) // the user's --plain-http
+	if img, err := m.Pull(ctx, host+"/app:v1"); err != nil || !img.PlainHTTP {
+		t.Fatalf("pull: %+v, %v; want an image pulled over plain HTTP", img, err)
+	}
+	m.Close(ctx)
+
+	m2, hosts2 := open()
+	defer m2.Close(ctx)
+	if _, err := m2.Acquire(ctx, node.AcquireRequest{ID: "container:a", Ref: host + "/app:v1"}); err != nil {
+		t.Fatal(err)
+	}
+	if !hosts2.Lookup(host).PlainHTTP {
+		t.Error("a lease on an image pulled over plain HTTP does not reach its registry that way")
+	}
+	if err := m2.Release(ctx, "container:a"); err != nil {
+		t.Fatal(err)
+	}
+}
