@@ -22,7 +22,10 @@
 //	  layers/<alg>-<hex>/fs/          a fallback layer's unpacked tree (unpacked: done)
 //	  images/<hash of ref>.json       a pulled image: reference, digest, config, layers, mode
 //	  leases/<hash of id>.json        what holds layers mounted: a container or a union mount
-//	  strata.sock, daemon.pid         the node daemon (package nodeapi)
+//	  strata.sock, daemon.pid         the node daemon's socket and PID (package nodeapi)
+//	  daemon.log                      the output of a daemon a client started
+//	  daemon.lock                     held by the daemon for its life: one per root
+//	  daemon.start                    held by a client starting the daemon
 package node
 
 import (
