@@ -2,20 +2,22 @@ package remote
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/docker/cli/cli/config"
+	"github.com/docker/cli/cli/config/configfile"
+	"github.com/docker/cli/cli/config/types"
 )
 
 // Credential is what a client presents to a registry or its token server.
@@ -32,104 +34,145 @@ func (c Credential) empty() bool {
 
 // CredentialFunc returns the credential for a registry host as written in
 // references ("docker.io", "localhost:5000"). A zero Credential means
-// anonymous access.
+// anonymous access; an error (one that names the registry reads best) fails
+// the request that needed it.
 type CredentialFunc func(ctx context.Context, registry string) (Credential, error)
 
-// DockerCredentials reads credentials from Docker's config file,
-// $DOCKER_CONFIG/config.json or ~/.docker/config.json, on every call (so a
-// later docker login is seen). Entries of "auths" with "auth" (base64
-// user:password), "username"/"password" or "identitytoken" are used.
-// Credential helpers (credsStore, credHelpers) are not run: such registries
-// are reached anonymously, and logger says so. A missing file means anonymous.
+// DockerCredentials finds credentials as Docker's own tools do, through
+// docker/cli's config package, reading $DOCKER_CONFIG/config.json or
+// ~/.docker/config.json on every call (so a later docker login is seen):
+//
+//   - the registry's entry of "credHelpers", else "credsStore", names a
+//     credential helper, docker-credential-<name> on PATH, which is run with
+//     "get" and answers for the registry ("<token>" as the user name means an
+//     identity token);
+//   - without a helper, the registry's entry of "auths": "auth" (base64
+//     user:password), "username"/"password", "identitytoken".
+//
+// Docker Hub ("docker.io") is looked up under Docker's key for it,
+// "https://index.docker.io/v1/"; other registries under their host
+// ("localhost:5000"; an "auths" key with a scheme, "http://localhost:5000",
+// matches too). A missing file, no entry, or a helper answering "credentials
+// not found" means anonymous access. A helper missing from PATH, failing or
+// outlasting ctx is an error naming the helper and the registry. Unlike the
+// docker CLI, no helper is guessed when the file names none.
 func DockerCredentials(logger *slog.Logger) CredentialFunc {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	return func(ctx context.Context, registry string) (Credential, error) {
-		path := dockerConfigPath()
-		if path == "" {
+		dir := dockerConfigDir()
+		if dir == "" {
 			return Credential{}, nil
 		}
-		b, err := os.ReadFile(path)
-		if errors.Is(err, fs.ErrNotExist) {
-			return Credential{}, nil
-		}
+		cf, err := config.Load(dir)
 		if err != nil {
-			return Credential{}, fmt.Errorf("read docker config: %w", err)
+			return Credential{}, fmt.Errorf("docker config: %w", err)
 		}
-		cred, helper, err := parseDockerConfig(b, registry)
-		if err != nil {
-			return Credential{}, fmt.Errorf("docker config %s: %w", path, err)
+		helper := dockerHelper(cf, registry)
+		if helper == "" {
+			ac, err := cf.GetAuthConfig(registry)
+			if err != nil {
+				return Credential{}, fmt.Errorf("docker config %s: %w", cf.Filename, err)
+			}
+			cred := credentialOf(ac)
+			if cred.empty() && registry == DockerHub {
+				cred = dockerHubAlias(cf)
+			}
+			return cred, nil
 		}
-		if helper != "" {
-			logger.InfoContext(ctx, "docker credential helpers are not supported; continuing anonymously",
-				"registry", registry, "helper", helper, "config", path)
+		// A helper may hang (a keychain waiting to be unlocked): wait for it
+		// no longer than ctx. The library runs it without a context; one
+		// left behind ends on its own.
+		type answer struct {
+			ac  types.AuthConfig
+			err error
 		}
-		return cred, nil
+		done := make(chan answer, 1)
+		go func() {
+			ac, err := cf.GetAuthConfig(registry)
+			done <- answer{ac, err}
+		}()
+		select {
+		case a := <-done:
+			if a.err != nil {
+				return Credential{}, fmt.Errorf("credential helper %s for %s: %s", helper, registry, helperFailure(helper, a.err))
+			}
+			cred := credentialOf(a.ac)
+			logger.DebugContext(ctx, "credentials from a docker credential helper",
+				"registry", registry, "helper", helper, "found", !cred.empty())
+			return cred, nil
+		case <-ctx.Done():
+			return Credential{}, fmt.Errorf("credential helper %s for %s: %w", helper, registry, context.Cause(ctx))
+		}
 	}
 }
 
-func dockerConfigPath() string {
-	if dir := os.Getenv("DOCKER_CONFIG"); dir != "" {
-		return filepath.Join(dir, "config.json")
+// dockerConfigDir is Docker's config directory: $DOCKER_CONFIG, else
+// ~/.docker. (config.Dir reads the environment only once per process.)
+func dockerConfigDir() string {
+	if dir := os.Getenv(config.EnvOverrideConfigDir); dir != "" {
+		return dir
 	}
 	home, err := os.UserHomeDir()
 	if err != nil {
 		return ""
 	}
-	return filepath.Join(home, ".docker", "config.json")
+	return filepath.Join(home, ".docker")
 }
 
-type dockerConfig struct {
-	Auths       map[string]dockerAuth `json:"auths"`
-	CredsStore  string                `json:"credsStore"`
-	CredHelpers map[string]string     `json:"credHelpers"`
+// dockerHubKey is Docker Hub's key in Docker's config file.
+const dockerHubKey = "https://index.docker.io/v1/"
+
+// dockerHelper returns the full name of the credential helper cf has the
+// docker CLI run for registry, or "" when credentials come from the file.
+func dockerHelper(cf *configfile.ConfigFile, registry string) string {
+	key := registry
+	if registry == DockerHub {
+		key = dockerHubKey
+	}
+	name := cf.CredentialHelpers[key]
+	if name == "" {
+		name = cf.CredentialsStore
+	}
+	if name == "" {
+		return ""
+	}
+	return "docker-credential-" + name
 }
 
-type dockerAuth struct {
-	Auth          string `json:"auth"`
-	Username      string `json:"username"`
-	Password      string `json:"password"`
-	IdentityToken string `json:"identitytoken"`
+// helperFailure says in a few words why helper failed. The helpers client
+// reports "error getting credentials - err: exit status 1, out: `…`".
+func helperFailure(helper string, err error) string {
+	if _, lookErr := exec.LookPath(helper); lookErr != nil {
+		return "not found on PATH"
+	}
+	msg := err.Error()
+	rest, ok := strings.CutPrefix(msg, "error getting credentials - err: ")
+	if !ok {
+		return msg
+	}
+	cause, out, ok := strings.Cut(rest, ", out: `")
+	if !ok {
+		return msg
+	}
+	if out = strings.TrimSpace(strings.TrimSuffix(out, "`")); out != "" {
+		return out + " (" + cause + ")"
+	}
+	return cause
 }
 
-// parseDockerConfig returns the credential for registry, or the name of the
-// credential helper that would have had it.
-func parseDockerConfig(b []byte, registry string) (cred Credential, helper string, err error) {
-	var cfg dockerConfig
-	if err := json.Unmarshal(b, &cfg); err != nil {
-		return cred, "", err
-	}
-	want := normalizeAuthKey(registry)
-	for key, a := range cfg.Auths {
-		if normalizeAuthKey(key) != want {
-			continue
-		}
-		cred = Credential{Username: a.Username, Password: a.Password, IdentityToken: a.IdentityToken}
-		if a.Auth != "" {
-			raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(a.Auth))
-			if err != nil {
-				return Credential{}, "", fmt.Errorf("auths[%q].auth is not base64: %v", key, err)
-			}
-			user, pass, ok := strings.Cut(string(raw), ":")
-			if !ok {
-				return Credential{}, "", fmt.Errorf("auths[%q].auth is not user:password", key)
-			}
-			cred.Username, cred.Password = user, pass
-		}
-		if !cred.empty() {
-			return cred, "", nil
+// dockerHubAlias returns the credential of an "auths" entry naming Docker
+// Hub other than by Docker's key ("docker.io", "index.docker.io",
+// "registry-1.docker.io"), which strata has always accepted and the docker
+// CLI ignores.
+func dockerHubAlias(cf *configfile.ConfigFile) Credential {
+	for key, ac := range cf.AuthConfigs {
+		if cred := credentialOf(ac); normalizeAuthKey(key) == DockerHub && !cred.empty() {
+			return cred
 		}
 	}
-	for key, h := range cfg.CredHelpers {
-		if normalizeAuthKey(key) == want {
-			return Credential{}, h, nil
-		}
-	}
-	if cfg.CredsStore != "" {
-		return Credential{}, cfg.CredsStore, nil
-	}
-	return Credential{}, "", nil
+	return Credential{}
 }
 
 // normalizeAuthKey reduces a key of "auths" ("https://index.docker.io/v1/",
@@ -142,6 +185,10 @@ func normalizeAuthKey(k string) string {
 		return DockerHub
 	}
 	return k
+}
+
+func credentialOf(ac types.AuthConfig) Credential {
+	return Credential{Username: ac.Username, Password: ac.Password, IdentityToken: ac.IdentityToken}
 }
 
 // ---- challenges ----
@@ -223,14 +270,33 @@ type token struct {
 }
 
 // authState is what a client learned about registries' authentication:
-// each host's challenge and the bearer tokens it was given, per scope.
+// each host's challenge, the bearer tokens it was given, per scope, and the
+// credential a registry asking for basic auth is sent (asked for again
+// only when the registry refuses it: a credential helper is a process).
 type authState struct {
 	// now is the clock token lifetimes are measured by; nil is time.Now.
 	now func() time.Time
 
 	mu         sync.Mutex
-	challenges map[string]challenge // by registry
-	tokens     map[string]token     // by registry + " " + scope
+	challenges map[string]challenge  // by registry
+	tokens     map[string]token      // by registry + " " + scope
+	basic      map[string]Credential // by registry
+}
+
+func (a *authState) basicCredential(registry string) (Credential, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	c, ok := a.basic[registry]
+	return c, ok
+}
+
+func (a *authState) setBasicCredential(registry string, c Credential) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.basic == nil {
+		a.basic = map[string]Credential{}
+	}
+	a.basic[registry] = c
 }
 
 func (a *authState) clock() time.Time {

@@ -1,18 +1,17 @@
 package remote_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -133,6 +132,7 @@ func writeDockerConfig(t *testing.T, cfg string) {
 		t.Fatal(err)
 	}
 	t.Setenv("DOCKER_CONFIG", dir)
+	t.Setenv("DOCKER_AUTH_CONFIG", "") // the docker CLI's credentials from the environment
 }
 
 // registryWithImage returns strata's registry, behind a proxy, with one
@@ -341,13 +341,20 @@ func TestBasicAuth(t *testing.T) {
 			mu.Lock()
 			seen = nil
 			mu.Unlock()
+			var asked atomic.Int64
 			c := newClient(t, remote.Options{Credentials: func(_ context.Context, registry string) (remote.Credential, error) {
+				asked.Add(1)
 				if registry != host {
 					t.Errorf("credentials asked for %q, want %q", registry, host)
 				}
 				return tt.cred, nil
 			}})
 			_, err := c.Resolve(context.Background(), ref)
+			// Asked once, on the 401, not for each request: a credential
+			// helper is a process.
+			if n := asked.Load(); n != 1 {
+				t.Errorf("credentials asked %d times, want 1", n)
+			}
 			if tt.ok != (err == nil) {
 				t.Fatalf("Resolve = %v, want ok=%v", err, tt.ok)
 			}
@@ -363,25 +370,112 @@ func TestBasicAuth(t *testing.T) {
 	}
 }
 
+// credentialHelper is docker-credential-test, a Docker credential helper
+// written as a shell script into a temp dir that becomes all of PATH (so no
+// helper installed on the machine answers instead). It answers "get" from
+// the credentials set, "credentials not found" otherwise, and fails for
+// fail.example; for slow.example it answers only after a few seconds.
+type credentialHelper struct {
+	dir string
+}
+
+func newCredentialHelper(t *testing.T) *credentialHelper {
+	t.Helper()
+	sleep, err := exec.LookPath("sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &credentialHelper{dir: t.TempDir()}
+	script := fmt.Sprintf(`#!/bin/sh
+[ "$1" = get ] || { echo "unsupported action $1"; exit 1; }
+read -r url
+echo "$url" >> %[1]s/calls
+case "$url" in
+fail.example) echo "the keychain is locked"; exit 1 ;;
+slow.example) %[2]s 3; exit 1 ;;
+esac
+while read -r u user secret; do
+	if [ "$u" = "$url" ]; then
+		printf '{"ServerURL":"%%s","Username":"%%s","Secret":"%%s"}\n' "$url" "$user" "$secret"
+		exit 0
+	fi
+done < %[1]s/creds
+echo "credentials not found in native keychain"
+exit 1
+`, h.dir, sleep)
+	if err := os.WriteFile(filepath.Join(h.dir, "docker-credential-test"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(h.dir, "creds"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", h.dir)
+	return h
+}
+
+// set makes the helper answer user and secret for serverURL.
+func (h *credentialHelper) set(t *testing.T, serverURL, user, secret string) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(h.dir, "creds"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fmt.Fprintf(f, "%s %s %s\n", serverURL, user, secret)
+}
+
+// calls returns the server URLs the helper was asked for.
+func (h *credentialHelper) calls(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(h.dir, "calls"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Fields(string(b))
+}
+
 func TestDockerCredentials(t *testing.T) {
 	auth := base64.StdEncoding.EncodeToString([]byte("u:p:with:colons"))
 	tests := []struct {
 		name     string
 		config   string // "" for no file
+		helper   [][3]string
 		registry string
 		want     remote.Credential
-		logged   string
-		err      bool
+		asked    []string // server URLs the helper is asked for
+		err      string   // the error, or "" for none
 	}{
 		{name: "no file", registry: "docker.io"},
 		{name: "docker hub legacy key", config: `{"auths":{"https://index.docker.io/v1/":{"auth":"` + auth + `"}}}`, registry: "docker.io", want: remote.Credential{Username: "u", Password: "p:with:colons"}},
+		{name: "docker hub alias", config: `{"auths":{"docker.io":{"username":"a","password":"b"}}}`, registry: "docker.io", want: remote.Credential{Username: "a", Password: "b"}},
 		{name: "host with port", config: `{"auths":{"localhost:5000":{"username":"a","password":"b"}}}`, registry: "localhost:5000", want: remote.Credential{Username: "a", Password: "b"}},
+		{name: "key with a scheme", config: `{"auths":{"http://localhost:5000":{"username":"a","password":"b"}}}`, registry: "localhost:5000", want: remote.Credential{Username: "a", Password: "b"}},
 		{name: "other host", config: `{"auths":{"localhost:5000":{"username":"a","password":"b"}}}`, registry: "localhost:5001"},
-		{name: "credential store", config: `{"auths":{"ghcr.io":{}},"credsStore":"desktop"}`, registry: "ghcr.io", logged: "helper=desktop"},
-		{name: "credential helper", config: `{"credHelpers":{"gcr.io":"gcloud"}}`, registry: "gcr.io", logged: "helper=gcloud"},
-		{name: "inline auth wins over helper", config: `{"auths":{"q.io":{"username":"a","password":"b"}},"credsStore":"desktop"}`, registry: "q.io", want: remote.Credential{Username: "a", Password: "b"}},
-		{name: "bad json", config: `{"auths":`, registry: "q.io", err: true},
-		{name: "bad base64", config: `{"auths":{"q.io":{"auth":"%%%"}}}`, registry: "q.io", err: true},
+		{name: "identity token", config: `{"auths":{"q.io":{"identitytoken":"refresh-me"}}}`, registry: "q.io", want: remote.Credential{IdentityToken: "refresh-me"}},
+		{name: "bad json", config: `{"auths":`, registry: "q.io", err: "docker config: parsing config file"},
+		{name: "bad base64", config: `{"auths":{"q.io":{"auth":"%%%"}}}`, registry: "q.io", err: "docker config: parsing config file"},
+
+		{name: "credential store", config: `{"auths":{"ghcr.io":{}},"credsStore":"test"}`, helper: [][3]string{{"ghcr.io", "alice", "s3cret"}},
+			registry: "ghcr.io", want: remote.Credential{Username: "alice", Password: "s3cret"}, asked: []string{"ghcr.io"}},
+		{name: "credential store without the registry", config: `{"credsStore":"test"}`, helper: [][3]string{{"ghcr.io", "alice", "s3cret"}},
+			registry: "quay.io", asked: []string{"quay.io"}},
+		{name: "credential helper of the registry", config: `{"credHelpers":{"gcr.io":"test"},"credsStore":"strata-missing"}`, helper: [][3]string{{"gcr.io", "bob", "hunter2"}},
+			registry: "gcr.io", want: remote.Credential{Username: "bob", Password: "hunter2"}, asked: []string{"gcr.io"}},
+		{name: "credential store for the other registries", config: `{"credHelpers":{"gcr.io":"test"},"credsStore":"strata-missing"}`,
+			registry: "quay.io", err: "credential helper docker-credential-strata-missing for quay.io: not found on PATH"},
+		{name: "docker hub through a helper", config: `{"credHelpers":{"https://index.docker.io/v1/":"test"}}`, helper: [][3]string{{"https://index.docker.io/v1/", "carol", "pw"}},
+			registry: "docker.io", want: remote.Credential{Username: "carol", Password: "pw"}, asked: []string{"https://index.docker.io/v1/"}},
+		{name: "identity token from a helper", config: `{"credsStore":"test"}`, helper: [][3]string{{"q.io", "<token>", "refresh-me"}},
+			registry: "q.io", want: remote.Credential{IdentityToken: "refresh-me"}, asked: []string{"q.io"}},
+		{name: "helper wins over inline auth", config: `{"auths":{"q.io":{"username":"a","password":"b"}},"credsStore":"test"}`, helper: [][3]string{{"q.io", "c", "d"}},
+			registry: "q.io", want: remote.Credential{Username: "c", Password: "d"}, asked: []string{"q.io"}},
+		{name: "missing helper", config: `{"credHelpers":{"registry.example.com":"foo"}}`,
+			registry: "registry.example.com", err: "credential helper docker-credential-foo for registry.example.com: not found on PATH"},
+		{name: "failing helper", config: `{"credsStore":"test"}`,
+			registry: "fail.example", asked: []string{"fail.example"}, err: "credential helper docker-credential-test for fail.example: the keychain is locked (exit status 1)"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -390,18 +484,97 @@ func TestDockerCredentials(t *testing.T) {
 			} else {
 				writeDockerConfig(t, tt.config)
 			}
-			var logs bytes.Buffer
-			creds := remote.DockerCredentials(slog.New(slog.NewTextHandler(&logs, nil)))
+			h := newCredentialHelper(t)
+			for _, c := range tt.helper {
+				h.set(t, c[0], c[1], c[2])
+			}
+			creds := remote.DockerCredentials(nil)
 			got, err := creds(context.Background(), tt.registry)
-			if tt.err != (err != nil) {
-				t.Fatalf("err = %v, want error %v", err, tt.err)
+			switch {
+			case tt.err == "" && err != nil:
+				t.Fatal(err)
+			case tt.err != "" && err == nil:
+				t.Fatalf("no error, want %q", tt.err)
+			case tt.err != "" && !strings.HasPrefix(err.Error(), tt.err):
+				t.Fatalf("error %q, want %q", err, tt.err)
 			}
 			if got != tt.want {
 				t.Errorf("credential = %+v, want %+v", got, tt.want)
 			}
-			if !strings.Contains(logs.String(), tt.logged) {
-				t.Errorf("log %q does not contain %q", logs.String(), tt.logged)
+			if diff := cmp.Diff(tt.asked, h.calls(t)); diff != "" {
+				t.Errorf("helper asked (-want +got):\n%s", diff)
 			}
 		})
+	}
+}
+
+// TestDockerCredentialsSlowHelper: a helper is waited for no longer than
+// the caller's context.
+func TestDockerCredentialsSlowHelper(t *testing.T) {
+	writeDockerConfig(t, `{"credsStore":"test"}`)
+	newCredentialHelper(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err := remote.DockerCredentials(nil)(ctx, "slow.example")
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.HasPrefix(err.Error(), "credential helper docker-credential-test for slow.example: ") {
+		t.Fatalf("error %v, want the helper named and DeadlineExceeded", err)
+	}
+}
+
+// TestCredentialHelperPull: a registry asking for credentials is reached
+// with a helper's, asked for once, and a helper that cannot answer fails
+// the call at once, in one sentence.
+func TestCredentialHelperPull(t *testing.T) {
+	reg := registryWithImage(t, "team/app")
+	ts := newTokenServer(t)
+	ts.user, ts.pass = "alice", "s3cret"
+	front, _ := bearerFront(t, ts, reg)
+	host := hostOf(front)
+	h := newCredentialHelper(t)
+	h.set(t, host, "alice", "s3cret")
+	writeDockerConfig(t, `{"credHelpers":{"`+host+`":"test"}}`)
+	c := newClient(t, remote.Options{Credentials: remote.DockerCredentials(nil)})
+	if _, err := c.Resolve(context.Background(), parseRef(t, host+"/team/app:v1")); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.calls(t); len(got) != 1 {
+		t.Errorf("helper asked %q, want once", got)
+	}
+
+	writeDockerConfig(t, `{"credHelpers":{"`+host+`":"foo"}}`)
+	c = newClient(t, remote.Options{Credentials: remote.DockerCredentials(nil)})
+	_, err := c.Resolve(context.Background(), parseRef(t, host+"/team/app:v1"))
+	want := fmt.Sprintf("resolve %[1]s/team/app:v1: credential helper docker-credential-foo for %[1]s: not found on PATH", host)
+	if err == nil || err.Error() != want {
+		t.Fatalf("Resolve = %v, want %q", err, want)
+	}
+}
+
+// TestCredentialError: a failing CredentialFunc fails the call at once
+// (not retried as a transient fault), in one sentence naming the registry.
+func TestCredentialError(t *testing.T) {
+	reg := registryWithImage(t, "team/app")
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, _, ok := r.BasicAuth(); !ok {
+			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	t.Cleanup(front.Close)
+	host := hostOf(front)
+	var asked atomic.Int64
+	c := newClient(t, remote.Options{Credentials: func(context.Context, string) (remote.Credential, error) {
+		asked.Add(1)
+		return remote.Credential{}, errors.New("the keychain is locked")
+	}})
+	_, err := c.Resolve(context.Background(), parseRef(t, host+"/team/app:v1"))
+	want := fmt.Sprintf("resolve %[1]s/team/app:v1: credentials for %[1]s: the keychain is locked", host)
+	if err == nil || err.Error() != want {
+		t.Fatalf("Resolve = %v, want %q", err, want)
+	}
+	if n := asked.Load(); n != 1 {
+		t.Errorf("credentials asked %d times, want 1", n)
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -71,7 +72,9 @@ type Options struct {
 	// registries.
 	Hosts *Hosts
 	// Credentials returns the credential for a registry; nil is anonymous.
-	// DockerCredentials reads ~/.docker/config.json.
+	// It is asked when a registry answers 401 (and for each bearer token);
+	// its error fails the request, without retries. DockerCredentials finds
+	// credentials as the docker CLI does.
 	Credentials CredentialFunc
 	// Transport sends the requests; nil is a clone of http.DefaultTransport.
 	Transport http.RoundTripper
@@ -336,9 +339,13 @@ func (c *Client) authorize(ctx context.Context, req *http.Request, r request) er
 		}
 		req.Header.Set("Authorization", "Bearer "+t)
 	case "basic":
-		cred, err := c.credential(ctx, r.registry)
-		if err != nil {
-			return err
+		cred, ok := c.auth.basicCredential(r.registry)
+		if !ok {
+			var err error
+			if cred, err = c.credential(ctx, r.registry); err != nil {
+				return err
+			}
+			c.auth.setBasicCredential(r.registry, cred)
 		}
 		if cred.Username != "" || cred.Password != "" {
 			req.SetBasicAuth(cred.Username, cred.Password)
@@ -379,6 +386,7 @@ func (c *Client) authenticate(ctx context.Context, r request, resp *http.Respons
 		if err != nil {
 			return false, err
 		}
+		c.auth.setBasicCredential(r.registry, cred)
 		// Without credentials, or with the ones just refused, repeating is futile.
 		if cred.Username == "" && cred.Password == "" || resp.Request.Header.Get("Authorization") != "" {
 			return false, nil
@@ -407,10 +415,27 @@ func (c *Client) credential(ctx context.Context, registry string) (Credential, e
 	}
 	cred, err := c.opts.Credentials(ctx, registry)
 	if err != nil {
-		return Credential{}, fmt.Errorf("credentials for %s: %w", registry, err)
+		return Credential{}, &credentialError{registry: registry, err: err}
 	}
 	return cred, nil
 }
+
+// credentialError is a failure of Options.Credentials (a credential helper
+// missing or failing, a malformed config). Asking again at once would fail
+// alike: it is not retried.
+type credentialError struct {
+	registry string
+	err      error
+}
+
+func (e *credentialError) Error() string {
+	if msg := e.err.Error(); strings.Contains(msg, e.registry) {
+		return msg // DockerCredentials' errors name the registry
+	}
+	return "credentials for " + e.registry + ": " + e.err.Error()
+}
+
+func (e *credentialError) Unwrap() error { return e.err }
 
 func accepted(code int, ok []int) bool {
 	if len(ok) == 0 {
@@ -436,6 +461,10 @@ func transient(err error) bool {
 		return false
 	}
 	if errors.Is(err, context.Canceled) {
+		return false
+	}
+	var credErr *credentialError
+	if errors.As(err, &credErr) {
 		return false
 	}
 	var (
