@@ -291,6 +291,7 @@ func (c *Completer) complete(ctx context.Context, job completion) (int64, error)
 	opts.MissWindow = -1
 	opts.MemoryBytes = 2 * completeBatch
 	opts.Completer = nil
+	opts.ReadMiss = nil // not a read
 	var st counters
 	fetch := newFetcher(ix, job.src, job.cache, &opts, &st)
 

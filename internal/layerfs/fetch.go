@@ -129,8 +129,10 @@ func newFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts *Options,
 
 // frames returns the content of frames first to last. It fails with ctx's
 // error when ctx is done first, or with the error of a flight: the source
-// kept failing, or a frame did not pass verification.
+// kept failing, or a frame did not pass verification. A call that waited
+// for frames that were not on the node is reported to Options.ReadMiss.
 func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error) {
+	start := time.Now()
 	out := make([][]byte, last-first+1)
 	flights := make([]*flight, len(out))
 	var mine []int
@@ -149,11 +151,15 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 		}
 	}
 	f.noteFrames(first, last)
+	miss := false // a frame neither in memory nor in the cache
 	for k := first; k <= last; k++ {
 		if b, ok := f.mem.get(k); ok {
 			out[k-first] = b
 			f.st.memoryHits.Add(1)
 			continue
+		}
+		if !miss && f.opts.ReadMiss != nil {
+			miss = !f.cached(k)
 		}
 		fl := f.inflight[k]
 		if fl == nil {
@@ -183,6 +189,9 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 			return nil, fl.err
 		}
 		out[i] = fl.data
+	}
+	if miss {
+		f.opts.ReadMiss(time.Since(start))
 	}
 	return out, nil
 }

@@ -509,3 +509,52 @@ func TestFetcherPendingOutlastsBounds(t *testing.T) {
 	}
 	checkFrames(t, ix, content, 2, got)
 }
+
+func TestFetcherReadMiss(t *testing.T) {
+	ix, data, _ := sixFrames(t)
+	c, err := cache.Open(t.TempDir(), cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var waits []time.Duration
+	opts := Options{ReadMiss: func(d time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		waits = append(waits, d)
+	}}
+	src := &countingSource{data: data, delay: 20 * time.Millisecond}
+	f, _ := newTestFetcher(ix, src, c, opts)
+	misses := func() []time.Duration {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(waits)
+	}
+	if _, err := f.frames(context.Background(), 0, 1); err != nil {
+		t.Fatal(err)
+	}
+	if w := misses(); len(w) != 1 || w[0] < src.delay {
+		t.Fatalf("after a fetch: misses %v, want one of at least %v", w, src.delay)
+	}
+	if _, err := f.frames(context.Background(), 0, 1); err != nil { // in memory
+		t.Fatal(err)
+	}
+	f.fills.Wait()
+	f.close()
+	// A fetcher of the same cache without memory: frames from the cache
+	// are no miss, frames from the source are.
+	f, _ = newTestFetcher(ix, src, c, opts)
+	defer f.close()
+	if _, err := f.frames(context.Background(), 0, 1); err != nil {
+		t.Fatal(err)
+	}
+	if w := misses(); len(w) != 1 {
+		t.Fatalf("frames in memory or the cache counted as misses: %v", w)
+	}
+	if _, err := f.frames(context.Background(), 1, 2); err != nil {
+		t.Fatal(err)
+	}
+	if w := misses(); len(w) != 2 {
+		t.Errorf("a read of a cached and a missing frame: misses %v, want 2", w)
+	}
+}

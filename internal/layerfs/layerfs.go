@@ -131,6 +131,13 @@ type Options struct {
 	// cache, to open it with passthrough. Default 1 MiB; negative: only
 	// files already in the cache are opened with passthrough.
 	MaterializeMax int64
+	// ReadMiss, if set, is called after a read (or an open that puts a
+	// file whole into the cache) that needed frames that were neither in
+	// memory nor in the node's cache, once they are there, with the time
+	// it waited for them: the reads that wait for the registry (or for a
+	// prefetch on its way from it). Reads that fail are not reported.
+	ReadMiss func(wait time.Duration)
+
 	// Completer, shared by the FSs of a node, puts files this FS served
 	// whole into the cache in the background, so that later opens use
 	// passthrough (see Completer). Nil: none.

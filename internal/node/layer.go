@@ -125,7 +125,7 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 	fs, err := layerfs.New(ix, m.starts.Source(repo, ix.Data), m.cache, layerfs.Options{
 		Logger: m.log, FetchTimeout: m.opts.FetchTimeout, AttemptTimeout: attemptTimeout(m.opts.FetchTimeout),
 		Prefetch: m.starts.Frames(p, repo, d.Digest, ix.Data), Profiled: p != nil,
-		Completer: m.complete,
+		Completer: m.complete, ReadMiss: m.metrics.missed,
 	})
 	if err != nil {
 		return fmt.Errorf("layer %s: %w", d.Digest, err)
@@ -223,6 +223,7 @@ func (m *Manager) unref(l *layer) {
 func (m *Manager) unmountLocked(l *layer) {
 	if m.layers[l.digest] == l {
 		delete(m.layers, l.digest)
+		m.retire(l)
 	}
 	if l.raTimer != nil {
 		l.raTimer.Stop()
@@ -325,18 +326,22 @@ func (m *Manager) fetchLayerIndex(ctx context.Context, repo remote.Repository, m
 	if lazy {
 		err := m.fetchIndex(ctx, repo, l, diffID)
 		if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) {
+			m.metrics.fallback(layerFallback(err))
 			return fmt.Errorf("%w: %w", ErrNoLayerMount, err)
 		}
 		return err
 	}
 	if manifest == "" {
+		m.metrics.fallback(fallbackNoLayerMounts)
 		return fmt.Errorf("layer %s: %w: %s", l.Digest, ErrNoLayerMount, reason)
 	}
 	exps, err := m.expansionOf(ctx, repo, manifest)
 	if err != nil {
+		m.metrics.fallback(fallbackReferrersFailed)
 		return fmt.Errorf("layer %s: %w: %s; looking for an expansion referrer failed: %w", l.Digest, ErrNoLayerMount, reason, err)
 	}
 	if _, ok := exps[l.Digest]; !ok {
+		m.metrics.fallback(fallbackNoReferrer)
 		return fmt.Errorf("layer %s: %w: %s and no expansion referrer of %s lists it", l.Digest, ErrNoLayerMount, reason, manifest)
 	}
 	md, raw, ix, err := m.getReferredIndex(ctx, repo, l, exps)
@@ -345,6 +350,7 @@ func (m *Manager) fetchLayerIndex(ctx context.Context, repo remote.Repository, m
 	}
 	if errors.Is(err, errNotBound) || errors.Is(err, remote.ErrNotFound) {
 		m.log.Warn("refusing an expansion that is not the layer's", "layer", l.Digest, "err", err)
+		m.metrics.fallback(layerFallback(err))
 		return fmt.Errorf("%w: %w", ErrNoLayerMount, err)
 	}
 	return err

@@ -138,6 +138,8 @@ type Manager struct {
 
 	// starts fetches what start-up profiles list and records them.
 	starts *startup.Profiles
+	// metrics: see metrics.go.
+	metrics *metrics
 }
 
 // Open opens the node state at opts.Root, cleaning up after a crashed
@@ -165,6 +167,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{},
 		decoded:   map[digest.Digest]*layerindex.Index{},
+		metrics:   newMetrics(),
 	}
 	if m.mounter == nil {
 		m.mounter = KernelMounter{}
@@ -240,6 +243,7 @@ func (m *Manager) Close(ctx context.Context) {
 	}
 	m.layers = map[digest.Digest]*layer{}
 	for _, l := range layers {
+		m.retire(l)
 		if l.linger != nil {
 			l.linger.Stop()
 			l.linger = nil

@@ -65,6 +65,7 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 	rec.Source = p.source
 	if !lazy {
 		rec.Mode, rec.Reason = ModeUnpacked, reason
+		m.metrics.fallback(p.why)
 	}
 	b, _ := json.MarshalIndent(rec, "", "  ")
 	if err := atomicfile.Write(imagePath(m.root, rec.Ref), b); err != nil {
@@ -92,6 +93,7 @@ type pull struct {
 	// once the manifest is verified; set when decided is closed.
 	source  string
 	reason  string
+	why     string // reason as a fallback* constant (metrics)
 	decided chan struct{}
 
 	early []*earlyIndex // by layer, once the manifest is verified
@@ -194,13 +196,16 @@ func (p *pull) decide(md digest.Digest) (source, reason string, exps map[digest.
 		return SourceMountAPI, "", nil
 	}
 	if referred == nil {
+		p.why = fallbackNoLayerMounts
 		return "", reason, nil
 	}
 	r := <-referred
 	switch {
 	case r.err != nil:
+		p.why = fallbackReferrersFailed
 		return "", reason + "; looking for an expansion referrer failed: " + r.err.Error(), nil
 	case len(r.exps) == 0:
+		p.why = fallbackNoReferrer
 		return "", reason + " and the image has no expansion referrer (strata expand makes one)", nil
 	}
 	m.log.Debug("pull: expansion referrer", "ref", p.ref, "layers", len(r.exps), "after", time.Since(p.start))
@@ -247,6 +252,7 @@ func (p *pull) bind(img *remote.Image) (fallback []int, lazy bool, reason string
 			}
 			if lazy {
 				lazy, reason = false, fmt.Sprintf("layer %s has no layer mount: %v", layers[i].Digest, err)
+				p.why = layerFallback(err)
 			}
 			fallback = append(fallback, i)
 		default:
@@ -354,6 +360,7 @@ func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l oci
 		os.RemoveAll(fs)
 		return fmt.Errorf("unpack layer %s: %w", l.Digest, err)
 	}
+	m.metrics.layerBytes.Add(l.Size)
 	if st.DiffID != diffID {
 		os.RemoveAll(fs)
 		return fmt.Errorf("layer %s: unpacked content is %s, the image config says %s", l.Digest, st.DiffID, diffID)

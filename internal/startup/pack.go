@@ -288,6 +288,7 @@ func (s *Profiles) StartPack(repo remote.Repository, p *api.Profile, layers []oc
 			<-c.piece.done
 			err := c.piece.err
 			if err == nil {
+				s.packBytes.Add(int64(len(c.piece.b)))
 				sum := sha256.Sum256(c.piece.b)
 				if digest.NewDigestFromBytes(digest.SHA256, sum[:]) != c.digest {
 					err = errors.New("digest mismatch")

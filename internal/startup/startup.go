@@ -20,6 +20,7 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -80,7 +81,16 @@ type Profiles struct {
 	packsMu sync.RWMutex
 	packs   map[packKey]*packLayer
 	packing map[packKey]bool
+
+	// packBytes counts the bytes of start-up packs fetched (PackBytes).
+	packBytes atomic.Int64
 }
+
+// PackBytes returns the bytes of start-up packs fetched from registries
+// since New (chunks the cache held are not fetched). The frames of early
+// fetches are not counted here: a layer's file system reads them through
+// Source and counts them as its own.
+func (s *Profiles) PackBytes() int64 { return s.packBytes.Load() }
 
 // New returns the start-up profiles of a node.
 func New(opts Options) *Profiles {
