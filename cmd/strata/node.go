@@ -43,7 +43,11 @@ func (g *globalFlags) daemonArgs() []string {
 	if err != nil {
 		exe = os.Args[0]
 	}
-	return []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles, "daemon"}
+	args := []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles}
+	if g.metricsAddr != "" {
+		args = append(args, "--metrics-addr", g.metricsAddr)
+	}
+	return append(args, "daemon")
 }
 
 func (g *globalFlags) dial(cmd *cobra.Command) (*nodeapi.Client, error) {
@@ -81,6 +85,14 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			})
 			if err != nil {
 				return err
+			}
+			if g.metricsAddr != "" {
+				stop, err := m.ServeMetrics(g.metricsAddr)
+				if err != nil {
+					m.Close(cmd.Context())
+					return err
+				}
+				defer stop() // before the lock goes: the next daemon listens there
 			}
 			return nodeapi.Serve(cmd.Context(), m, nodeapi.ServeOptions{Root: g.root, IdleTimeout: idle, Logger: log})
 		},

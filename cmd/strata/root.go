@@ -23,6 +23,7 @@ type globalFlags struct {
 	logLevel     string
 	fetchTimeout time.Duration
 	profiles     string
+	metricsAddr  string
 }
 
 // addNodeFlags gives a node command the node's flags. They are each node
@@ -36,6 +37,7 @@ func (g *globalFlags) addNodeFlags(cmd *cobra.Command) {
 	f.StringVar(&g.cacheSize, "cache-size", "2GiB", "bound on the node's content cache (e.g. 16MiB, 2GiB)")
 	f.DurationVar(&g.fetchTimeout, "fetch-timeout", 30*time.Second, "bound on a read that waits for the registry; then the read fails with EIO")
 	f.StringVar(&g.profiles, "startup-profiles", node.ProfilesAuto, "start-up profiles: auto (prefetch an image's profile when a container starts; record and store one where the registry has none), use (prefetch only), off")
+	f.StringVar(&g.metricsAddr, "metrics-addr", "", "serve the node's Prometheus metrics at http://HOST:PORT/metrics (the daemon, or the snapshotter; empty: none)")
 }
 
 // Exit statuses. strata run follows docker run: 125 when strata fails
@@ -103,8 +105,9 @@ func newRootCmd() *cobra.Command {
 		Long: `Start containers before their images are downloaded.
 
 The node's commands take the node's flags (--root, --cache-size,
---fetch-timeout, --startup-profiles) before or after the command's name;
-the registry's commands take their own. See 'strata COMMAND --help'.`,
+--fetch-timeout, --startup-profiles, --metrics-addr) before or after the
+command's name; the registry's commands take their own. See
+'strata COMMAND --help'.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

@@ -40,6 +40,13 @@ is an ordinary overlay snapshot. State lives in ROOT/snapshotter.`,
 				return err
 			}
 			defer m.Close(ctx)
+			if g.metricsAddr != "" {
+				stop, err := m.ServeMetrics(g.metricsAddr)
+				if err != nil {
+					return err
+				}
+				defer stop()
+			}
 			sn, err := snapshotter.Open(ctx, snapshotter.Options{Root: dir, Layers: m, Logger: log})
 			if err != nil {
 				return err
