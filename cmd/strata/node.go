@@ -44,6 +44,9 @@ func (g *globalFlags) daemonArgs() []string {
 		exe = os.Args[0]
 	}
 	args := []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles}
+	if g.config != "" { // for the daemon's own keys (--idle-timeout, …)
+		args = append(args, "--config", configPath(g.config))
+	}
 	if g.metricsAddr != "" {
 		args = append(args, "--metrics-addr", g.metricsAddr)
 	}

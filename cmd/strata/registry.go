@@ -30,6 +30,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	var anonPull bool
 	var upstream, upUser, upPassFile string
 	var upTTL time.Duration
+	var config string
 	serve := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve an OCI registry with layer mounts from a directory (foreground)",
@@ -94,6 +95,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().StringVar(&upUser, "upstream-username", "", "with --upstream: the account on the upstream")
 	serve.Flags().StringVar(&upPassFile, "upstream-password-file", "", "with --upstream: a file holding the account's password or token")
 	serve.Flags().DurationVar(&upTTL, "upstream-ttl", 10*time.Minute, "with --upstream: how long a tag is served before it is checked against the upstream again")
+	addConfigFlag(serve, &config)
 	cmd.AddCommand(serve)
 	return cmd
 }

@@ -24,6 +24,7 @@ type globalFlags struct {
 	fetchTimeout time.Duration
 	profiles     string
 	metricsAddr  string
+	config       string
 }
 
 // addNodeFlags gives a node command the node's flags. They are each node
@@ -38,6 +39,7 @@ func (g *globalFlags) addNodeFlags(cmd *cobra.Command) {
 	f.DurationVar(&g.fetchTimeout, "fetch-timeout", 30*time.Second, "bound on a read that waits for the registry; then the read fails with EIO")
 	f.StringVar(&g.profiles, "startup-profiles", node.ProfilesAuto, "start-up profiles: auto (prefetch an image's profile when a container starts; record and store one where the registry has none), use (prefetch only), off")
 	f.StringVar(&g.metricsAddr, "metrics-addr", "", "serve the node's Prometheus metrics at http://HOST:PORT/metrics (the daemon, or the snapshotter; empty: none)")
+	addConfigFlag(cmd, &g.config)
 }
 
 // Exit statuses. strata run follows docker run: 125 when strata fails
@@ -110,6 +112,13 @@ command's name; the registry's commands take their own. See
 'strata COMMAND --help'.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		// Flags from --config, once the command line is parsed.
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if err := loadConfig(cmd); err != nil {
+				return usageError{cmd, err}
+			}
+			return nil
+		},
 	}
 	cmd.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	cmd.AddGroup(&cobra.Group{ID: "node", Title: "Node commands:"}, &cobra.Group{ID: "registry", Title: "Registry commands:"})
