@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/testenv"
