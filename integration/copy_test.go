@@ -25,6 +25,7 @@ import (
 	"github.com/strata-oci/strata/internal/publish"
 	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/testenv"
+	"github.com/strata-oci/strata/internal/testimage"
 )
 
 // Versions of the copying clients built from the Go module proxy.
@@ -313,4 +314,26 @@ type statusRecorder struct {
 func (s *statusRecorder) WriteHeader(code int) {
 	s.code = code
 	s.ResponseWriter.WriteHeader(code)
+}
+
+// goTool builds a command from the Go module proxy (pkg@version) once,
+// into the test cache, and returns its path.
+func goTool(t *testing.T, pkg, version string) string {
+	t.Helper()
+	name := filepath.Base(pkg)
+	dir := filepath.Join(testimage.DefaultCacheDir, "bin", name+"-"+version)
+	bin := filepath.Join(dir, name)
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	os.MkdirAll(dir, 0o755)
+	install := exec.CommandContext(ctx, "go", "install", pkg+"@"+version)
+	install.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=-mod=mod")
+	install.Dir = dir
+	if out, err := install.CombinedOutput(); err != nil {
+		testenv.Unavailable(t, "cannot build "+pkg+": "+err.Error()+"\n"+tail(string(out), 2000))
+	}
+	return bin
 }
