@@ -22,7 +22,7 @@ import (
 func newExpandCmd(g *globalFlags) *cobra.Command {
 	var plain, profile bool
 	var plats []string
-	var tmp string
+	var tmp, hostsDir string
 	cmd := &cobra.Command{
 		Use:   "expand [--plain-http] [--platform OS/ARCH[/VARIANT]] REF [--profile -- CMD [ARG…]]",
 		Short: "Expand an image's layers and push the expansion to its registry as referrers, for lazy starts from any registry",
@@ -70,7 +70,7 @@ it ahead of their reads.`,
 					want = append(want, p)
 				}
 			}
-			hosts := &remote.Hosts{}
+			hosts := &remote.Hosts{Dir: hostsDir}
 			if plain {
 				hosts.AllowPlainHTTP(ref.Registry)
 			}
@@ -97,11 +97,12 @@ it ahead of their reads.`,
 			if !profile {
 				return nil
 			}
-			return recordProfile(cmd, ref, plain, args[1:])
+			return recordProfile(cmd, ref, plain, hostsDir, args[1:])
 		},
 	}
 	cmd.Flags().BoolVar(&profile, "profile", false, "then run the image once with the command after -- and store its start-up profile")
 	cmd.Flags().BoolVar(&plain, "plain-http", false, "reach the registry over plain HTTP")
+	cmd.Flags().StringVar(&hostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's registry host configuration directory (HOST/hosts.toml): the registry's server, TLS settings and plain HTTP; pushes go to the first host with the push capability")
 	cmd.Flags().StringSliceVar(&plats, "platform", nil, "expand only these platforms of an index (os/arch[/variant]; repeatable or comma-separated; default all)")
 	cmd.Flags().StringVar(&tmp, "tmp", "", "directory for the expansions while they are pushed (default $TMPDIR)")
 	return cmd
@@ -153,7 +154,7 @@ func (p *expandProgress) finish() {
 // recordProfile starts ref once on a throwaway node with args as its
 // command, so that the node records what the start reads and stores it as
 // the image's start-up profile, and checks that the registry has it.
-func recordProfile(cmd *cobra.Command, ref remote.Reference, plain bool, args []string) error {
+func recordProfile(cmd *cobra.Command, ref remote.Reference, plain bool, hostsDir string, args []string) error {
 	ctx := cmd.Context()
 	self, err := os.Executable()
 	if err != nil {
@@ -163,7 +164,7 @@ func recordProfile(cmd *cobra.Command, ref remote.Reference, plain bool, args []
 	if err != nil {
 		return err
 	}
-	runArgs := []string{"--root", root, "--startup-profiles", "auto", "run", "--rm"}
+	runArgs := []string{"--root", root, "--startup-profiles", "auto", "--hosts-dir", hostsDir, "run", "--rm"}
 	if plain {
 		runArgs = append(runArgs, "--plain-http")
 	}
@@ -181,7 +182,7 @@ func recordProfile(cmd *cobra.Command, ref remote.Reference, plain bool, args []
 	if runErr != nil {
 		return fmt.Errorf("recording the start-up profile: strata run %s: %w", ref, runErr)
 	}
-	hosts := &remote.Hosts{}
+	hosts := &remote.Hosts{Dir: hostsDir}
 	if plain {
 		hosts.AllowPlainHTTP(ref.Registry)
 	}

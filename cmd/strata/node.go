@@ -43,7 +43,7 @@ func (g *globalFlags) daemonArgs() []string {
 	if err != nil {
 		exe = os.Args[0]
 	}
-	args := []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles}
+	args := []string{exe, "--root", g.root, "--cache-size", g.cacheSize, "--log-level", g.logLevel, "--fetch-timeout", g.fetchTimeout.String(), "--startup-profiles", g.profiles, "--hosts-dir", g.hostsDir}
 	if g.config != "" { // for the daemon's own keys (--idle-timeout, …)
 		args = append(args, "--config", configPath(g.config))
 	}
@@ -84,7 +84,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			m, err := node.Open(cmd.Context(), node.Options{
 				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout, Profiles: g.profiles,
 				Linger: linger,
-				Remote: remote.New(remote.Options{Hosts: &remote.Hosts{}, Credentials: remote.DockerCredentials(log), Logger: log}),
+				Remote: remote.New(remote.Options{Hosts: &remote.Hosts{Dir: g.hostsDir}, Credentials: remote.DockerCredentials(log), Logger: log}),
 			})
 			if err != nil {
 				return err

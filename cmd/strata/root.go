@@ -24,6 +24,7 @@ type globalFlags struct {
 	fetchTimeout time.Duration
 	profiles     string
 	metricsAddr  string
+	hostsDir     string
 	config       string
 }
 
@@ -39,6 +40,7 @@ func (g *globalFlags) addNodeFlags(cmd *cobra.Command) {
 	f.DurationVar(&g.fetchTimeout, "fetch-timeout", 30*time.Second, "bound on a read that waits for the registry; then the read fails with EIO")
 	f.StringVar(&g.profiles, "startup-profiles", node.ProfilesAuto, "start-up profiles: auto (prefetch an image's profile when a container starts; record and store one where the registry has none), use (prefetch only), off")
 	f.StringVar(&g.metricsAddr, "metrics-addr", "", "serve the node's Prometheus metrics at http://HOST:PORT/metrics (the daemon, or the snapshotter; empty: none)")
+	f.StringVar(&g.hostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's registry host configuration directory (HOST/hosts.toml: mirrors, TLS, plain HTTP); empty: none")
 	addConfigFlag(cmd, &g.config)
 }
 
@@ -107,7 +109,7 @@ func newRootCmd() *cobra.Command {
 		Long: `Start containers before their images are downloaded.
 
 The node's commands take the node's flags (--root, --cache-size,
---fetch-timeout, --startup-profiles, --metrics-addr) before or after the
+--fetch-timeout, --startup-profiles, --metrics-addr, --hosts-dir) before or after the
 command's name; the registry's commands take their own. See
 'strata COMMAND --help'.`,
 		SilenceUsage:  true,

@@ -11,7 +11,7 @@ import (
 )
 
 func newSnapshotterCmd(g *globalFlags) *cobra.Command {
-	var address, hostsDir string
+	var address string
 	cmd := &cobra.Command{
 		Use:   "snapshotter --address SOCKET",
 		Short: "Serve containerd's snapshots API (proxy plugin) with layers as lazy layer mounts",
@@ -28,11 +28,10 @@ is an ordinary overlay snapshot. State lives in ROOT/snapshotter.`,
 			log := g.logger()
 			ctx := cmd.Context()
 			dir := filepath.Join(g.root, "snapshotter")
-			hosts := snapshotter.Hosts{Dir: hostsDir}
 			m, err := node.Open(ctx, node.Options{
 				Root: filepath.Join(dir, "node"), CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout,
 				Remote: remote.New(remote.Options{
-					Hosts:       remote.PlainHosts(hosts.PlainHTTP),
+					Hosts:       snapshotter.Hosts(g.hostsDir),
 					Credentials: remote.DockerCredentials(log), Logger: log,
 				}),
 			})
@@ -57,6 +56,5 @@ is an ordinary overlay snapshot. State lives in ROOT/snapshotter.`,
 		},
 	}
 	cmd.Flags().StringVar(&address, "address", "/run/strata/snapshotter.sock", "unix socket containerd connects to")
-	cmd.Flags().StringVar(&hostsDir, "hosts-dir", "/etc/containerd/certs.d", "containerd's registry host configuration (hosts.toml) directory")
 	return cmd
 }

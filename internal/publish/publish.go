@@ -54,23 +54,44 @@ type Repo struct {
 
 // Open returns repository r, reached as opts say. Nothing is sent yet.
 func Open(r remote.Repository, opts Options) (*Repo, error) {
-	rr, err := orasremote.NewRepository(remote.APIHost(r.Registry) + "/" + r.Name)
+	// Reads and pushes go to the first host that may push: the registry's
+	// own server unless its hosts.toml says otherwise.
+	eps, err := opts.Hosts.Endpoints(r.Registry, remote.CapPush)
+	if err != nil {
+		return nil, err
+	}
+	ep := eps[0]
+	if ep.Path != "/v2" {
+		return nil, fmt.Errorf("repository %s: pushing to %s://%s%s: an API root other than /v2 (override_path) is not supported for pushes", r, ep.Scheme, ep.Host, ep.Path)
+	}
+	rr, err := orasremote.NewRepository(ep.Host + "/" + r.Name)
 	if err != nil {
 		return nil, fmt.Errorf("repository %s: %w", r, err)
 	}
-	rr.PlainHTTP = opts.Hosts.Lookup(r.Registry).PlainHTTP
+	rr.PlainHTTP = ep.Scheme == "http"
 	hc := retry.DefaultClient
-	if opts.Transport != nil {
+	switch {
+	case opts.Transport != nil:
 		hc = &http.Client{Transport: opts.Transport}
+	case ep.Client != nil: // TLS settings of its own
+		hc = &http.Client{Transport: retry.NewTransport(ep.Client.Transport)}
+	}
+	credName := r.Registry
+	if ep.Mirror {
+		credName = ep.Host
 	}
 	ua := opts.UserAgent
 	if ua == "" {
 		ua = "strata"
 	}
-	client := &auth.Client{Client: hc, Cache: auth.NewCache(), Header: http.Header{"User-Agent": {ua}}}
+	header := http.Header{"User-Agent": {ua}}
+	for k, v := range ep.Header {
+		header[k] = v
+	}
+	client := &auth.Client{Client: hc, Cache: auth.NewCache(), Header: header}
 	if creds := opts.Credentials; creds != nil {
 		client.Credential = func(ctx context.Context, _ string) (auth.Credential, error) {
-			c, err := creds(ctx, r.Registry)
+			c, err := creds(ctx, credName)
 			if err != nil {
 				return auth.EmptyCredential, err
 			}

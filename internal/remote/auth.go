@@ -352,7 +352,8 @@ const maxTokenBody = 1 << 20
 // fetchToken runs Docker's token flow against the challenge's realm: a GET
 // with service and scope (basic credentials if any), or, with an identity
 // token, the OAuth2 refresh-token POST.
-func (c *Client) fetchToken(ctx context.Context, registry string, ch challenge, scope string, cred Credential) (token, error) {
+func (c *Client) fetchToken(ctx context.Context, r request, ch challenge, cred Credential) (token, error) {
+	registry, scope := r.authKey(), r.scope
 	realm := ch.params["realm"]
 	u, err := url.Parse(realm)
 	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
@@ -402,7 +403,7 @@ func (c *Client) fetchToken(ctx context.Context, registry string, ch challenge, 
 	}
 	req.Header.Set("User-Agent", c.userAgent)
 	sent := c.auth.clock()
-	resp, err := c.http.Do(req)
+	resp, err := c.httpClient(r).Do(req)
 	if err != nil {
 		return token{}, err
 	}

@@ -171,14 +171,72 @@ type request struct {
 	// that failures while reading the body are retried too. Without it the
 	// response is returned open, and its body bounds each read by timeout.
 	read func(*http.Response) error
+	// need is what the request asks of an endpoint; zero derives it from
+	// the method and path (see capability).
+	need Capabilities
+
+	// endpoint is the host the request is sent to (set by send).
+	endpoint Endpoint
 }
 
-func (c *Client) url(registry, path string) string {
-	scheme := "https"
-	if c.opts.Hosts.Lookup(registry).PlainHTTP {
-		scheme = "http"
+// capability is what r asks of an endpoint: resolve for a manifest by tag,
+// pull for every other read, push for writes.
+func (r request) capability() Capabilities {
+	if r.need != 0 {
+		return r.need
 	}
-	return scheme + "://" + apiHost(registry) + path
+	if r.method != http.MethodGet && r.method != http.MethodHead {
+		return CapPush
+	}
+	p, _, _ := strings.Cut(r.path, "?")
+	if i := strings.LastIndex(p, "/manifests/"); i >= 0 && !strings.Contains(p[i+len("/manifests/"):], ":") {
+		return CapResolve
+	}
+	return CapPull
+}
+
+// authKey is the name the registry's authentication state and
+// credentials are kept under: the registry as in references for its own
+// server, a mirror's host for the mirror.
+func (r request) authKey() string {
+	if r.endpoint.Mirror {
+		return r.endpoint.Host
+	}
+	return r.registry
+}
+
+// url is where r goes on its endpoint.
+func (r request) url() string {
+	ep := r.endpoint
+	if ep.Host == "" { // not sent yet: the registry's own server
+		ep = Endpoint{Scheme: "https", Host: apiHost(r.registry), Path: "/v2"}
+	}
+	u := ep.Scheme + "://" + ep.Host + ep.Path + strings.TrimPrefix(r.path, "/v2")
+	if ep.Mirror {
+		sep := "?"
+		if strings.Contains(r.path, "?") {
+			sep = "&"
+		}
+		u += sep + "ns=" + url.QueryEscape(r.registry)
+	}
+	return u
+}
+
+// url is where a request for path goes on registry's first endpoint.
+func (c *Client) url(registry, path string) string {
+	r := request{method: http.MethodGet, registry: registry, path: path}
+	if eps, err := c.opts.Hosts.endpoints(registry, r.capability()); err == nil {
+		r.endpoint = eps[0]
+	}
+	return r.url()
+}
+
+// httpClient sends r.
+func (c *Client) httpClient(r request) *http.Client {
+	if r.endpoint.Client != nil {
+		return r.endpoint.Client
+	}
+	return c.http
 }
 
 // errAttemptTimeout is the cause of an attempt's cancellation at its deadline.
@@ -190,10 +248,38 @@ func (e errAttemptTimeout) Temporary() bool { return true }
 
 // send performs r with authentication and retries. It returns the response
 // if r.read is nil (the caller closes its body), else nil after r.read
-// succeeded.
+// succeeded. A registry with mirrors (hosts.toml) is tried host by host,
+// in order, among the hosts capable of r: a host that fails (any error,
+// a 404 included: a mirror may not hold what its upstream does) passes
+// the request on to the next after fewer retries; the last host's error
+// is the answer.
 func (c *Client) send(ctx context.Context, r request) (*http.Response, error) {
+	eps, err := c.opts.Hosts.endpoints(r.registry, r.capability())
+	if err != nil {
+		return nil, err
+	}
+	for i, ep := range eps {
+		r.endpoint = ep
+		if i == len(eps)-1 {
+			return c.sendTo(ctx, r, c.retry)
+		}
+		policy := c.retry
+		policy.Attempts = min(policy.Attempts, 2)
+		policy.MaxElapsed = min(policy.MaxElapsed, 10*time.Second)
+		resp, err := c.sendTo(ctx, r, policy)
+		if err == nil || ctx.Err() != nil {
+			return resp, err
+		}
+		c.log.DebugContext(ctx, "registry host failed, trying the next", "registry", r.registry,
+			"host", ep.Host, "next", eps[i+1].Host, "err", err)
+	}
+	panic("unreachable")
+}
+
+// sendTo performs r on r.endpoint with retries as policy allows.
+func (c *Client) sendTo(ctx context.Context, r request, policy RetryPolicy) (*http.Response, error) {
 	start := time.Now()
-	deadline := start.Add(c.retry.MaxElapsed)
+	deadline := start.Add(policy.MaxElapsed)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
@@ -210,22 +296,22 @@ func (c *Client) send(ctx context.Context, r request) (*http.Response, error) {
 		}
 		lastErr = err
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%s %s: %w", r.method, c.url(r.registry, r.path), context.Cause(ctx))
+			return nil, fmt.Errorf("%s %s: %w", r.method, redact(r.url()), context.Cause(ctx))
 		}
 		if !transient(err) {
 			return nil, err
 		}
-		if attempt >= c.retry.Attempts {
+		if attempt >= policy.Attempts {
 			break
 		}
 		delay := c.backoff(attempt, retryAfter(err))
 		if time.Now().Add(delay).After(deadline) {
 			break
 		}
-		c.log.DebugContext(ctx, "retrying registry request", "method", r.method, "url", c.url(r.registry, r.path),
+		c.log.DebugContext(ctx, "retrying registry request", "method", r.method, "url", redact(r.url()),
 			"attempt", attempt, "delay", delay, "err", lastErr)
 		if err := sleep(ctx, delay); err != nil {
-			return nil, fmt.Errorf("%s %s: %w", r.method, c.url(r.registry, r.path), err)
+			return nil, fmt.Errorf("%s %s: %w", r.method, redact(r.url()), err)
 		}
 	}
 	return nil, fmt.Errorf("%w (gave up after %s)", lastErr, time.Since(start).Round(time.Millisecond))
@@ -244,7 +330,7 @@ func (c *Client) attempt(ctx context.Context, r request, timeout time.Duration, 
 	fail := func(err error) (*http.Response, error) {
 		if context.Cause(actx) != nil && ctx.Err() == nil {
 			if te, ok := context.Cause(actx).(errAttemptTimeout); ok {
-				err = fmt.Errorf("%s %s: %w", r.method, c.url(r.registry, r.path), te)
+				err = fmt.Errorf("%s %s: %w", r.method, redact(r.url()), te)
 			}
 		}
 		done()
@@ -296,9 +382,12 @@ func (c *Client) do(ctx context.Context, r request) (*http.Response, error) {
 	if r.body != nil {
 		body = bytes.NewReader(r.body)
 	}
-	req, err := http.NewRequestWithContext(ctx, r.method, c.url(r.registry, r.path), body)
+	req, err := http.NewRequestWithContext(ctx, r.method, r.url(), body)
 	if err != nil {
 		return nil, err
+	}
+	for k, v := range r.endpoint.Header {
+		req.Header[k] = v
 	}
 	for k, v := range r.header {
 		req.Header[k] = v
@@ -307,7 +396,7 @@ func (c *Client) do(ctx context.Context, r request) (*http.Response, error) {
 	if err := c.authorize(ctx, req, r); err != nil {
 		return nil, err
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.httpClient(r).Do(req)
 	if err != nil {
 		var ue *url.Error
 		if errors.As(err, &ue) {
@@ -323,13 +412,13 @@ func (c *Client) do(ctx context.Context, r request) (*http.Response, error) {
 // authorize adds the Authorization a previous challenge from the registry
 // asked for: a cached (or newly fetched) bearer token, or basic credentials.
 func (c *Client) authorize(ctx context.Context, req *http.Request, r request) error {
-	ch, ok := c.auth.challenge(r.registry)
+	ch, ok := c.auth.challenge(r.authKey())
 	if !ok {
 		return nil
 	}
 	switch ch.scheme {
 	case "bearer":
-		if t, ok := c.auth.token(r.registry, r.scope); ok {
+		if t, ok := c.auth.token(r.authKey(), r.scope); ok {
 			req.Header.Set("Authorization", "Bearer "+t)
 			return nil
 		}
@@ -339,13 +428,13 @@ func (c *Client) authorize(ctx context.Context, req *http.Request, r request) er
 		}
 		req.Header.Set("Authorization", "Bearer "+t)
 	case "basic":
-		cred, ok := c.auth.basicCredential(r.registry)
+		cred, ok := c.auth.basicCredential(r.authKey())
 		if !ok {
 			var err error
-			if cred, err = c.credential(ctx, r.registry); err != nil {
+			if cred, err = c.credential(ctx, r.authKey()); err != nil {
 				return err
 			}
-			c.auth.setBasicCredential(r.registry, cred)
+			c.auth.setBasicCredential(r.authKey(), cred)
 		}
 		if cred.Username != "" || cred.Password != "" {
 			req.SetBasicAuth(cred.Username, cred.Password)
@@ -371,10 +460,10 @@ func (c *Client) authenticate(ctx context.Context, r request, resp *http.Respons
 	if chosen == nil {
 		return false, nil
 	}
-	c.auth.setChallenge(r.registry, *chosen)
+	c.auth.setChallenge(r.authKey(), *chosen)
 	switch chosen.scheme {
 	case "bearer":
-		c.auth.dropToken(r.registry, r.scope)
+		c.auth.dropToken(r.authKey(), r.scope)
 		c.log.DebugContext(ctx, "registry asks for a bearer token", "registry", r.registry,
 			"realm", chosen.params["realm"], "service", chosen.params["service"], "scope", r.scope)
 		if _, err := c.newToken(ctx, r, *chosen); err != nil {
@@ -382,11 +471,11 @@ func (c *Client) authenticate(ctx context.Context, r request, resp *http.Respons
 		}
 		return true, nil
 	case "basic":
-		cred, err := c.credential(ctx, r.registry)
+		cred, err := c.credential(ctx, r.authKey())
 		if err != nil {
 			return false, err
 		}
-		c.auth.setBasicCredential(r.registry, cred)
+		c.auth.setBasicCredential(r.authKey(), cred)
 		// Without credentials, or with the ones just refused, repeating is futile.
 		if cred.Username == "" && cred.Password == "" || resp.Request.Header.Get("Authorization") != "" {
 			return false, nil
@@ -397,15 +486,15 @@ func (c *Client) authenticate(ctx context.Context, r request, resp *http.Respons
 }
 
 func (c *Client) newToken(ctx context.Context, r request, ch challenge) (string, error) {
-	cred, err := c.credential(ctx, r.registry)
+	cred, err := c.credential(ctx, r.authKey())
 	if err != nil {
 		return "", err
 	}
-	t, err := c.fetchToken(ctx, r.registry, ch, r.scope, cred)
+	t, err := c.fetchToken(ctx, r, ch, cred)
 	if err != nil {
-		return "", fmt.Errorf("get token for %s: %w", r.registry, err)
+		return "", fmt.Errorf("get token for %s: %w", r.authKey(), err)
 	}
-	c.auth.setToken(r.registry, r.scope, t)
+	c.auth.setToken(r.authKey(), r.scope, t)
 	return t.value, nil
 }
 

@@ -74,6 +74,7 @@ func (c *Client) mount(ctx context.Context, repo Repository, layer digest.Digest
 		method:   http.MethodPost,
 		registry: repo.Registry,
 		path:     api.MountPath(repo.Name, layer),
+		need:     CapPull, // asks for a mount, writes nothing
 		scope:    repo.scope(),
 		header:   http.Header{"Accept": {"application/json"}},
 		read: func(resp *http.Response) error {

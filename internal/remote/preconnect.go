@@ -65,8 +65,11 @@ func (c *Client) Preconnect(registry string, n int) {
 	if c.pool == nil {
 		return
 	}
-	u := c.url(registry, "/v2/")
-	req, err := http.NewRequest(http.MethodGet, u, nil)
+	eps, err := c.opts.Hosts.endpoints(registry, CapPull)
+	if err != nil || eps[0].Client != nil { // a transport of its own
+		return
+	}
+	req, err := http.NewRequest(http.MethodGet, request{registry: registry, path: "/v2/", endpoint: eps[0]}.url(), nil)
 	if err != nil {
 		return
 	}

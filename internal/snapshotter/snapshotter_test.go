@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/snapshotter"
 	"github.com/strata-oci/strata/internal/testenv"
 )
@@ -138,23 +140,32 @@ func TestHostsPlainHTTP(t *testing.T) {
 	write("plain.example:5000", "server = \"http://plain.example:5000\"\n")
 	write("mirror.example", "server = \"https://mirror.example\"\n\n[host.\"http://10.0.0.1:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
 	write("tls.example", "server = \"https://tls.example\"\n[host.\"https://mirror.tls.example\"]\n")
-	h := snapshotter.Hosts{Dir: dir}
-	for reg, want := range map[string]bool{
-		"127.0.0.1:5000":     true,
-		"localhost:5000":     true,
-		"[::1]:5000":         true,
-		"plain.example:5000": true,
-		"mirror.example":     true,
-		"tls.example":        false,
-		"other.example":      false,
-		"docker.io":          false,
+	h := snapshotter.Hosts(dir)
+	// scheme of each endpoint, in order
+	for reg, want := range map[string]string{
+		"127.0.0.1:5000":     "http://127.0.0.1:5000",
+		"localhost:5000":     "http://localhost:5000",
+		"[::1]:5000":         "http://[::1]:5000",
+		"plain.example:5000": "http://plain.example:5000",
+		"mirror.example":     "http://10.0.0.1:5000 https://mirror.example",
+		"tls.example":        "https://mirror.tls.example https://tls.example",
+		"other.example":      "https://other.example",
+		"docker.io":          "https://registry-1.docker.io",
 	} {
-		if got := h.PlainHTTP(reg); got != want {
-			t.Errorf("PlainHTTP(%q) = %v, want %v", reg, got, want)
+		eps, err := h.Endpoints(reg, remote.CapPull)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, ep := range eps {
+			got = append(got, ep.Scheme+"://"+ep.Host)
+		}
+		if strings.Join(got, " ") != want {
+			t.Errorf("endpoints of %s: %s, want %s", reg, strings.Join(got, " "), want)
 		}
 	}
 	write("_default", "server = \"http://anything\"\n")
-	if !h.PlainHTTP("other.example") {
-		t.Error("_default/hosts.toml is not used")
+	if eps, _ := h.Endpoints("new.example", remote.CapPull); eps[0].Host != "anything" || eps[0].Scheme != "http" {
+		t.Errorf("_default/hosts.toml is not used: %+v", eps)
 	}
 }
