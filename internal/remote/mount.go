@@ -269,7 +269,9 @@ func (c *Client) Profile(ctx context.Context, repo Repository, m digest.Digest) 
 
 // PutProfile stores p as the start-up profile of the image whose manifest
 // is m in repo (PUT /v2/<name>/_strata/profiles/<m>); the registry
-// authorizes it as a push to repo.
+// authorizes it as a push to repo. Like every strata route, it is sent to
+// the first host of the registry that may be asked to pull (a strata
+// mirror in hosts.toml takes the profiles of what it serves).
 func (c *Client) PutProfile(ctx context.Context, repo Repository, m digest.Digest, p *api.Profile) error {
 	b, err := json.Marshal(p)
 	if err != nil {
@@ -279,6 +281,9 @@ func (c *Client) PutProfile(ctx context.Context, repo Repository, m digest.Diges
 		method:   http.MethodPut,
 		registry: repo.Registry,
 		path:     api.ProfilePath(repo.Name, m),
+		// strata's own route: it goes where layer mounts come from, a
+		// strata mirror included, not only to hosts that take pushes.
+		need:     CapPull,
 		scope:    "repository:" + repo.Name + ":pull,push",
 		header:   http.Header{"Content-Type": {"application/json"}},
 		body:     b,
