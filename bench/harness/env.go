@@ -47,6 +47,11 @@ type env struct {
 	metrics     *http.Client // reaches strata's registry around the proxy
 	strataProxy *link.Proxy  // node side of the link to strata's registry
 	distProxy   *link.Proxy  // … and to the CNCF registry
+	// mirrorProxy is the node side of the link to strata's mirror (port
+	// 5002 in the registries' namespace, up for the mirror systems'
+	// samples); upstreamProxy, inside that namespace, is the mirror's own
+	// link to the CNCF registry, its upstream.
+	mirrorProxy, upstreamProxy *link.Proxy
 
 	mu       sync.Mutex
 	cleanups []func(context.Context) error
@@ -230,6 +235,17 @@ func (e *env) startRegistries(ctx context.Context) error {
 		b, _ := os.ReadFile(filepath.Join(e.work, "distribution.log"))
 		return fmt.Errorf("CNCF registry: %w\n%s", err, b)
 	}
+	if !e.cfg.wantsMirror() {
+		return nil
+	}
+	if e.mirrorProxy, err = link.NewProxy(ip+":5002", e.net.NodeNS()); err != nil {
+		return err
+	}
+	e.onClose(func(context.Context) error { return e.mirrorProxy.Close() })
+	if e.upstreamProxy, err = link.NewProxyIn(e.net.RegistryNS(), ip+":5001", e.net.RegistryNS()); err != nil {
+		return err
+	}
+	e.onClose(func(context.Context) error { return e.upstreamProxy.Close() })
 	return nil
 }
 
@@ -320,15 +336,24 @@ func (e *env) shape(ctx context.Context, p link.Profile) error {
 	if e.distProxy != nil {
 		e.distProxy.SetRTT(rtt)
 	}
+	if e.mirrorProxy != nil {
+		// The mirror is as far from the node as the registries are, and
+		// its upstream as far from it again, over a link of the same rate.
+		e.mirrorProxy.SetRTT(rtt)
+		e.upstreamProxy.SetRTT(rtt)
+		e.upstreamProxy.SetRate(p.RateBits)
+	}
 	return e.net.Shape(ctx, p.RateBits)
 }
 
 // linkBytes is what both proxies delivered to the node so far.
 func (e *env) linkBytes() int64 {
 	_, n, _ := e.strataProxy.Bytes()
-	if e.distProxy != nil {
-		_, m, _ := e.distProxy.Bytes()
-		n += m
+	for _, p := range []*link.Proxy{e.distProxy, e.mirrorProxy} {
+		if p != nil {
+			_, m, _ := p.Bytes()
+			n += m
+		}
 	}
 	return n
 }
@@ -336,9 +361,11 @@ func (e *env) linkBytes() int64 {
 // linkConns is the number of connections both proxies accepted so far.
 func (e *env) linkConns() int64 {
 	_, _, n := e.strataProxy.Bytes()
-	if e.distProxy != nil {
-		_, _, m := e.distProxy.Bytes()
-		n += m
+	for _, p := range []*link.Proxy{e.distProxy, e.mirrorProxy} {
+		if p != nil {
+			_, _, m := p.Bytes()
+			n += m
+		}
 	}
 	return n
 }

@@ -61,7 +61,12 @@ func (c Config) wants(sys string) bool { return len(c.Systems) == 0 || slices.Co
 
 // needDist reports whether a system needs the CNCF registry.
 func (c Config) needDist() bool {
-	return c.wants(report.Containerd) || c.wants(report.StrataFallback) || c.wants(report.StrataReferrers) || c.wantsStargz()
+	return c.wants(report.Containerd) || c.wants(report.StrataFallback) || c.wants(report.StrataReferrers) || c.wantsMirror() || c.wantsStargz()
+}
+
+// wantsMirror reports whether a system through strata's mirror is measured.
+func (c Config) wantsMirror() bool {
+	return c.wants(report.StrataMirrorFirst) || c.wants(report.StrataMirrorSecond)
 }
 
 // Tools lists the programs the benchmarks of c run.
@@ -220,6 +225,15 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 				if need(report.StrataReferrers, i) {
 					timed(report.StrataReferrers, func() { add(report.StrataReferrers, e.strataReferrers(ctx, im, id), i) })
 				}
+				if need(report.StrataMirrorFirst, i) || need(report.StrataMirrorSecond, i) {
+					var first, second report.Sample
+					timed(report.StrataMirrorFirst, func() { first, second = e.strataMirror(ctx, im, id) })
+					for sys, s := range map[string]report.Sample{report.StrataMirrorFirst: first, report.StrataMirrorSecond: second} {
+						if want(sys) {
+							add(sys, s, i)
+						}
+					}
+				}
 				if need(report.StrataProfiled, i) {
 					timed(report.StrataProfiled, func() { add(report.StrataProfiled, e.strataProfiled(ctx, im, id), i) })
 				}
@@ -302,6 +316,7 @@ var notes = []string{
 	"Bytes over the link are the payload bytes the proxy delivered to the node (registry responses), not counting TCP/IP headers.",
 	"Peak node disk is the largest growth of the node's disk (an ext4 file system of its own, sampled every 20 ms with statfs) during the run: containerd's content store and snapshots, strata's node root (cache, unpacked layers, container upper).",
 	"containerd pulls from the CNCF distribution registry, strata's fallback too; strata's lazy start uses strata's registry. Both registries run side by side behind the same link.",
+	"strata-mirror-first and strata-mirror-second go through a strata registry serving as a pull-through mirror of the CNCF registry, in the registries' namespace behind the same link as the others; the mirror reaches its upstream through a proxy of its own inside that namespace, with the profile's RTT and rate. Their bytes over the link are what the node received from the mirror; what the mirror fetched from its upstream is in the run's log.",
 	"strata-lazy-warm runs on the node of the cold start once that node has put the files the cold start read whole into its cache, which it does in the background when it is quiet (docs/architecture.md); the harness waits for that, untimed, and shows what it fetched as \"before, background\". The read benchmark's warm passes wait likewise.",
 }
 

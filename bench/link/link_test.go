@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -141,4 +142,38 @@ func listenIn(t *testing.T, ns, addr string) net.Listener {
 		t.Fatal(r.err)
 	}
 	return r.ln
+}
+
+// TestProxyRate: a proxy with a rate of its own delivers no faster than it,
+// over all its connections together.
+func TestProxyRate(t *testing.T) {
+	body := make([]byte, 1<<20)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(body) })}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	p, err := link.NewProxy(ln.Addr().String(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	p.SetRate(40_000_000) // 5 MB/s: 2 MiB take ≥ 0.42 s
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			if got := get(t, "http://"+p.Addr()+"/"); len(got) != len(body) {
+				t.Errorf("got %d bytes", len(got))
+			}
+		})
+	}
+	wg.Wait()
+	el := time.Since(start)
+	t.Logf("2 MiB through a 40 Mbit/s proxy, on two connections: %v", el)
+	if el < 400*time.Millisecond || el > 2*time.Second {
+		t.Errorf("took %v, want about 0.42 s", el)
+	}
 }

@@ -27,6 +27,12 @@ type Proxy struct {
 	upstream string
 	dial     func(ctx context.Context, addr string) (net.Conn, error)
 	rtt      atomic.Int64 // nanoseconds
+	// rate, if set (bits per second), is the bandwidth of the link the
+	// proxy emulates, shared by its connections, in each direction.
+	rate atomic.Int64
+	// busy is when each direction's emulated link is free again.
+	busyMu             sync.Mutex
+	busyUp, busyClient time.Time
 
 	toUpstream, toClient atomic.Int64
 	conns                atomic.Int64
@@ -46,6 +52,10 @@ func NewProxy(upstream, nsPath string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	return newProxy(ln, upstream, nsPath), nil
+}
+
+func newProxy(ln net.Listener, upstream, nsPath string) *Proxy {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Proxy{ln: ln, upstream: upstream, ctx: ctx, cancel: cancel, open: map[net.Conn]struct{}{}}
 	p.dial = func(ctx context.Context, addr string) (net.Conn, error) {
@@ -57,7 +67,7 @@ func NewProxy(upstream, nsPath string) (*Proxy, error) {
 	}
 	p.wg.Add(1)
 	go p.serve()
-	return p, nil
+	return p
 }
 
 // Addr is the proxy's HOST:PORT on loopback.
@@ -65,6 +75,82 @@ func (p *Proxy) Addr() string { return p.ln.Addr().String() }
 
 // SetRTT sets the round-trip time added from now on.
 func (p *Proxy) SetRTT(d time.Duration) { p.rtt.Store(int64(d)) }
+
+// SetRate makes the proxy emulate a link of bits per second of its own in
+// each direction, shared by all its connections (0: none), for a link
+// that tc cannot shape: one between two processes of one namespace.
+func (p *Proxy) SetRate(bits int64) { p.rate.Store(bits) }
+
+// transmit returns when n bytes sent at the earliest at from have crossed
+// the emulated link of the direction busy is the clock of.
+func (p *Proxy) transmit(busy *time.Time, from time.Time, n int) time.Time {
+	rate := p.rate.Load()
+	if rate <= 0 {
+		return from
+	}
+	p.busyMu.Lock()
+	defer p.busyMu.Unlock()
+	start := from
+	if busy.After(start) {
+		start = *busy
+	}
+	*busy = start.Add(time.Duration(float64(n) * 8 / float64(rate) * float64(time.Second)))
+	return *busy
+}
+
+// NewProxyIn is NewProxy listening on 127.0.0.1 inside the network
+// namespace at listenNS instead of the harness's: for a process there (a
+// mirror in the registries' namespace) to reach upstream through it.
+func NewProxyIn(listenNS, upstream, nsPath string) (*Proxy, error) {
+	ln, err := listenIn(listenNS)
+	if err != nil {
+		return nil, err
+	}
+	return newProxy(ln, upstream, nsPath), nil
+}
+
+// listenIn listens on a free port of 127.0.0.1 inside the namespace at
+// nsPath (the listening socket stays there).
+func listenIn(nsPath string) (net.Listener, error) {
+	type result struct {
+		ln  net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer orig.Close()
+		target, err := os.Open(nsPath)
+		if err != nil {
+			ch <- result{err: err}
+			runtime.UnlockOSThread()
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("enter %s: %w", nsPath, err)}
+			runtime.UnlockOSThread()
+			return
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err2 := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err2 != nil {
+			if ln != nil {
+				ln.Close()
+			}
+			ch <- result{err: errors.Join(err, fmt.Errorf("leave %s: %w", nsPath, err2))}
+			return
+		}
+		runtime.UnlockOSThread()
+		ch <- result{ln, err}
+	}()
+	r := <-ch
+	return r.ln, r.err
+}
 
 // Bytes returns the bytes forwarded to the upstream and to the clients so
 // far, and the number of connections accepted.
@@ -130,8 +216,8 @@ func (p *Proxy) handle(client net.Conn, accepted time.Time) {
 	rtt := time.Duration(p.rtt.Load())
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.pipe(up, client, rtt/2, accepted.Add(rtt), &p.toUpstream) }()
-	go func() { defer wg.Done(); p.pipe(client, up, rtt/2, time.Time{}, &p.toClient) }()
+	go func() { defer wg.Done(); p.pipe(up, client, rtt/2, accepted.Add(rtt), &p.toUpstream, &p.busyUp) }()
+	go func() { defer wg.Done(); p.pipe(client, up, rtt/2, time.Time{}, &p.toClient, &p.busyClient) }()
 	wg.Wait()
 }
 
@@ -142,7 +228,7 @@ type chunk struct {
 
 // pipe copies src to dst, delivering each chunk delay after it arrived
 // (and not before notBefore + delay), then half-closes dst.
-func (p *Proxy) pipe(dst, src net.Conn, delay time.Duration, notBefore time.Time, count *atomic.Int64) {
+func (p *Proxy) pipe(dst, src net.Conn, delay time.Duration, notBefore time.Time, count *atomic.Int64, busy *time.Time) {
 	q := make(chan chunk, 4096)
 	go func() {
 		defer close(q)
@@ -154,7 +240,8 @@ func (p *Proxy) pipe(dst, src net.Conn, delay time.Duration, notBefore time.Time
 				if at.Before(notBefore) {
 					at = notBefore
 				}
-				q <- chunk{buf[:n], at}
+				// With a rate, a chunk arrives once its last byte crossed.
+				q <- chunk{buf[:n], p.transmit(busy, at, n)}
 			}
 			if err != nil {
 				return

@@ -16,20 +16,28 @@ const (
 	// StrataReferrers is a lazy start from the CNCF registry, through the
 	// expansion referrers strata expand pushed there.
 	StrataReferrers = "strata-referrers-cold"
-	Baseline        = Containerd
+	// StrataMirrorFirst and StrataMirrorSecond are starts through strata's
+	// pull-through mirror of the CNCF registry: the first request for the
+	// image (the mirror fetches and expands it), and a start on another
+	// node once the mirror has it.
+	StrataMirrorFirst  = "strata-mirror-first"
+	StrataMirrorSecond = "strata-mirror-second"
+	Baseline           = Containerd
 )
 
 // SystemOrder lists the start-time systems in table order.
-var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataReferrers, StrataCold, StrataProfiled, StrataWarm}
+var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataReferrers, StrataMirrorFirst, StrataMirrorSecond, StrataCold, StrataProfiled, StrataWarm}
 
 // Describe says what each system measures.
 var Describe = map[string]string{
-	Containerd:      "containerd 1.6 (Debian): `ctr image pull` + `ctr run --rm`, fresh content store and snapshots",
-	StrataFallback:  "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
-	StrataCold:      "strata lazy start: fresh node root and cache (its node daemon started before the clock, as containerd's is), image pushed and expanded, no start-up profile (`--startup-profiles off`): every read the workload makes that misses is a round trip",
-	StrataProfiled:  "strata lazy start, fresh node root and cache, with the image's start-up profile: an earlier start on another node (before the timed runs) recorded what the workload read and stored it in the registry; the node fetches it with the layer indexes and prefetches it, in parallel, as the layers mount",
-	StrataReferrers: "strata lazy start from the CNCF distribution registry (no layer-mount API, no Referrers API): `strata expand` pushed the expansion there beforehand (untimed), the node finds it through the referrers tag; fresh node root and cache, no start-up profile (`--startup-profiles off`); compare with strata-lazy-cold, the same from strata's registry",
-	StrataWarm:      "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
+	Containerd:         "containerd 1.6 (Debian): `ctr image pull` + `ctr run --rm`, fresh content store and snapshots",
+	StrataFallback:     "strata full pull from the CNCF distribution registry (no layer mounts): download, unpack, run; fresh node",
+	StrataCold:         "strata lazy start: fresh node root and cache (its node daemon started before the clock, as containerd's is), image pushed and expanded, no start-up profile (`--startup-profiles off`): every read the workload makes that misses is a round trip",
+	StrataProfiled:     "strata lazy start, fresh node root and cache, with the image's start-up profile: an earlier start on another node (before the timed runs) recorded what the workload read and stored it in the registry; the node fetches it with the layer indexes and prefetches it, in parallel, as the layers mount",
+	StrataReferrers:    "strata lazy start from the CNCF distribution registry (no layer-mount API, no Referrers API): `strata expand` pushed the expansion there beforehand (untimed), the node finds it through the referrers tag; fresh node root and cache, no start-up profile (`--startup-profiles off`); compare with strata-lazy-cold, the same from strata's registry",
+	StrataMirrorFirst:  "strata start through a strata registry serving as pull-through mirror (`--upstream`) of the CNCF registry, the first request for the image: a fresh mirror (empty store) fetches the image from the upstream over a link of its own (a proxy with the profile's RTT and rate), and expands its layers while the node waits (202, bounded), then the node mounts lazily; the node keeps image references as they are (the CNCF registry's) and finds the mirror in a containerd hosts.toml (`--hosts-dir`); fresh node, default `--startup-profiles auto` (it records a profile and stores it in the mirror); compare with containerd, which pulls from the upstream directly",
+	StrataMirrorSecond: "strata start through the same mirror on another fresh node once the first start is over: the mirror has the image, its expansion and the profile the first node stored, so this is a profiled lazy start from the mirror; the upstream is not asked (its tag's TTL has not passed)",
+	StrataWarm:         "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
 }
 
 // Markdown renders the report as tables; charts are image files in the
