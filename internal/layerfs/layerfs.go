@@ -453,6 +453,8 @@ type Stats struct {
 	ServedBytes      int64 // bytes those requests returned
 	PageReads        int64 // reads (and files put into the cache) served from a PageSource
 	Programs         int64 // ELF files prefetched whole when first read
+	DirListings      int64 // directory listings served (the kernel keeps them)
+	Flushes          int64 // FLUSH requests (the first is told ENOSYS: no more come)
 }
 
 type counters struct {
@@ -461,6 +463,7 @@ type counters struct {
 	materialized, passthroughOpens, servedOpens                        atomic.Int64
 	servedReads, servedBytes, pageReads                                atomic.Int64
 	programs                                                           atomic.Int64
+	dirListings, flushes                                               atomic.Int64
 }
 
 // Stats returns the counters.
@@ -481,6 +484,8 @@ func (f *FS) Stats() Stats {
 		ServedBytes:      s.servedBytes.Load(),
 		PageReads:        s.pageReads.Load(),
 		Programs:         s.programs.Load(),
+		DirListings:      s.dirListings.Load(),
+		Flushes:          s.flushes.Load(),
 	}
 }
 
