@@ -268,6 +268,11 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 		if rep.Reads, err = e.readBench(ctx, cfg.ReadRuns, cfg.ReadFiles, cfg.ReadFileSize); err != nil {
 			return nil, fmt.Errorf("read benchmark: %w", err)
 		}
+		if len(images) > 0 {
+			if rep.Trees, err = e.treeBench(ctx, images[0], cfg.ReadRuns); err != nil {
+				return nil, fmt.Errorf("tree walk: %w", err)
+			}
+		}
 	}
 	rep.Notes = notes
 	rep.Duration = time.Since(rep.Started)

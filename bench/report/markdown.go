@@ -148,6 +148,21 @@ func (r *Report) Markdown(charts []string) string {
 		}
 	}
 
+	if len(r.Trees) > 0 {
+		w("\n## Tree walk\n\n`tar -cf - usr` of the image's tree into a pipe (every file opened and read, the archive counted): through a fresh `strata mount` (cold: nothing cached, fetched over the read benchmark's link), and through the same mount once every file is cached and in the page cache (warm); against a local overlayfs over an unpacked copy, with the page cache dropped (cold) and warm. Median (min–max) MB/s of archive; the ratio is to the local walk of the same temperature.\n\n")
+		w("| walk | system | MB/s | min–max | ÷ local | archive bytes | node daemon CPU per walk |\n|---|---|---|---|---|---|---|\n")
+		for _, rd := range r.Trees {
+			cpu, ratio := "", ""
+			if rd.DaemonCPU > 0 || strings.HasPrefix(rd.System, "strata") {
+				cpu = fmt.Sprintf("%.2f s", rd.DaemonCPU)
+			}
+			if rd.Ratio > 0 {
+				ratio = fmt.Sprintf("%.2f", rd.Ratio)
+			}
+			w("| %s | %s | **%.0f** | %.0f–%.0f | %s | %s | %s |\n", rd.Pattern, rd.System, rd.MBps.Median, rd.MBps.Min, rd.MBps.Max, ratio, MB(rd.Bytes), cpu)
+		}
+	}
+
 	if len(charts) > 0 {
 		w("\n## Charts\n\n")
 		for _, c := range charts {

@@ -26,7 +26,9 @@ type Report struct {
 	Start    []Start       `json:"start"`
 	Limits   []Limit       `json:"limits,omitempty"`
 	Reads    []Read        `json:"reads,omitempty"`
-	Notes    []string      `json:"notes,omitempty"`
+	// Trees are tree walks (tar of an image's /usr), cold and warm.
+	Trees []Read   `json:"trees,omitempty"`
+	Notes []string `json:"notes,omitempty"`
 }
 
 // Host describes the machine.
