@@ -26,19 +26,23 @@ const (
 // walk costs when nothing needs fetching), against a local overlayfs over
 // an unpacked copy, cold (page cache dropped) and warm.
 func (e *env) treeBench(ctx context.Context, im *image, runs int) ([]report.Read, error) {
-	e.logf("tree walk: tar of /usr of %s, %d runs", im.Name, runs)
+	e.logf("tree walk: %s of %s, %d runs", "tar", im.Name, runs)
 	l, err := e.unpackLocal(ctx, "tree-"+im.Name, im.rootfs)
 	if err != nil {
 		return nil, err
 	}
 	defer l.remove()
 	ref := e.strataProxy.Addr() + "/" + im.repo() + ":latest"
+	sub, label := "usr", "tar of /usr"
+	if _, err := os.Stat(filepath.Join(im.rootfs, "usr")); err != nil {
+		sub, label = ".", "tar of /" // an image without /usr (tiny)
+	}
 	samples := map[string][]float64{}
 	cpu := map[string][]float64{}
 	var size int64
 	walk := func(system, dir, root string, record bool) error {
 		cpu0 := daemonCPU(root)
-		n, el, err := tarTree(ctx, dir)
+		n, el, err := tarTree(ctx, dir, sub)
 		if err != nil {
 			return fmt.Errorf("%s: %w", system, err)
 		}
@@ -100,7 +104,7 @@ func (e *env) treeBench(ctx context.Context, im *image, runs int) ([]report.Read
 	base := map[string]string{treeCold: treeLocalCold, treeWarm: treeLocalWarm}
 	for _, sys := range []string{treeLocalCold, treeCold, treeLocalWarm, treeWarm} {
 		st := report.Of(samples[sys])
-		r := report.Read{Pattern: "tar of /usr", System: sys, MBps: st, Bytes: size, Samples: samples[sys]}
+		r := report.Read{Pattern: label, System: sys, MBps: st, Bytes: size, Samples: samples[sys]}
 		if c := cpu[sys]; len(c) > 0 {
 			r.DaemonCPU = report.Of(c).Median
 		}
@@ -112,11 +116,11 @@ func (e *env) treeBench(ctx context.Context, im *image, runs int) ([]report.Read
 	return out, nil
 }
 
-// tarTree runs `tar -cf - usr` in dir into a pipe (so that GNU tar reads
+// tarTree runs `tar -cf - sub` in dir into a pipe (so that GNU tar reads
 // every file, which it skips when writing to /dev/null) and returns the
 // archive's size and the time it took.
-func tarTree(ctx context.Context, dir string) (int64, time.Duration, error) {
-	cmd := exec.CommandContext(ctx, "tar", "-C", dir, "-cf", "-", "usr")
+func tarTree(ctx context.Context, dir, sub string) (int64, time.Duration, error) {
+	cmd := exec.CommandContext(ctx, "tar", "-C", dir, "-cf", "-", sub)
 	var size int64
 	cmd.Stdout = &countWriter{n: &size}
 	var stderr []byte
@@ -141,7 +145,7 @@ func tarTree(ctx context.Context, dir string) (int64, time.Duration, error) {
 	err = cmd.Wait()
 	el := time.Since(start)
 	if err != nil {
-		return 0, 0, fmt.Errorf("tar of %s/usr: %w: %s", dir, err, stderr)
+		return 0, 0, fmt.Errorf("tar of %s/%s: %w: %s", dir, sub, err, stderr)
 	}
 	return size, el, nil
 }
