@@ -299,11 +299,22 @@ type criEnv struct {
 	snapLog    string
 	ctrdLog    string
 	snap, ctrd *exec.Cmd
+	// snapArgs are more flags of the snapshotter; imageEndpoint, if set,
+	// is crictl's image service instead of containerd's.
+	snapArgs      []string
+	imageEndpoint string
 }
 
 // newCRIEnv starts the snapshotter and containerd cv; sandboxImage is the
 // CRI plugin's pause image.
 func newCRIEnv(t *testing.T, cv containerdVersion, sandboxImage string) *criEnv {
+	t.Helper()
+	return newCRIEnvWith(t, cv, sandboxImage, nil)
+}
+
+// newCRIEnvWith is newCRIEnv with setup applied to the environment before
+// anything starts.
+func newCRIEnvWith(t *testing.T, cv containerdVersion, sandboxImage string, setup func(*criEnv)) *criEnv {
 	t.Helper()
 	testenv.RequireFUSE(t)
 	testenv.RequireTool(t, "runc", "skopeo")
@@ -354,6 +365,9 @@ func newCRIEnv(t *testing.T, cv containerdVersion, sandboxImage string) *criEnv 
 		}
 		os.RemoveAll(dir)
 	})
+	if setup != nil {
+		setup(e)
+	}
 	e.startSnapshotter(t)
 	e.startContainerd(t)
 	return e
@@ -378,8 +392,9 @@ func (e *criEnv) startSnapshotter(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(strataBin, "--root", e.strataRoot, "--cache-size", "256MiB", "--log-level", "debug",
-		"snapshotter", "--address", e.snapSock, "--hosts-dir", e.hostsDir)
+	args := append([]string{"--root", e.strataRoot, "--cache-size", "256MiB", "--log-level", "debug",
+		"snapshotter", "--address", e.snapSock, "--hosts-dir", e.hostsDir}, e.snapArgs...)
+	cmd := exec.Command(strataBin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -456,8 +471,11 @@ func waitSocket(t *testing.T, path, what string) {
 }
 
 func (e *criEnv) crictlArgs(args ...string) []string {
-	ep := "unix://" + e.sock
-	return append([]string{"--runtime-endpoint", ep, "--image-endpoint", ep, "--timeout", "3m"}, args...)
+	ep, image := "unix://"+e.sock, "unix://"+e.sock
+	if e.imageEndpoint != "" {
+		image = "unix://" + e.imageEndpoint
+	}
+	return append([]string{"--runtime-endpoint", ep, "--image-endpoint", image, "--timeout", "3m"}, args...)
 }
 
 // crictl runs crictl against the environment's containerd.

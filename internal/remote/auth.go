@@ -32,6 +32,22 @@ func (c Credential) empty() bool {
 	return c.Username == "" && c.Password == "" && c.IdentityToken == ""
 }
 
+// imageRefKey is the context key of WithImageRef.
+type imageRefKey struct{}
+
+// WithImageRef returns ctx naming the image reference a request is made
+// for, so that a CredentialFunc can answer with that image's credentials
+// (a Kubernetes pull secret is given per image, not per registry).
+func WithImageRef(ctx context.Context, ref string) context.Context {
+	return context.WithValue(ctx, imageRefKey{}, ref)
+}
+
+// ImageRefFrom returns the image reference WithImageRef put in ctx, or "".
+func ImageRefFrom(ctx context.Context) string {
+	s, _ := ctx.Value(imageRefKey{}).(string)
+	return s
+}
+
 // CredentialFunc returns the credential for a registry host as written in
 // references ("docker.io", "localhost:5000"). A zero Credential means
 // anonymous access; an error (one that names the registry reads best) fails

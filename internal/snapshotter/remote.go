@@ -97,6 +97,7 @@ func (s *Snapshotter) prepareRemote(ctx context.Context, key, parent string, t t
 	if err != nil {
 		return err
 	}
+	ctx = remote.WithImageRef(ctx, t.image) // its credentials (a pull secret)
 	if t.manifest != "" {
 		if d, err := digest.Parse(t.manifest); err == nil {
 			ref.Digest = d
@@ -226,7 +227,7 @@ func (s *Snapshotter) restore(ctx context.Context) {
 			err = errors.New("layer mounts are not configured")
 		default:
 			repo := remote.Repository{Registry: r.rec.Registry, Name: r.rec.Repository}
-			r.dir, r.release, err = s.layers.MountLayer(ctx, repo, r.rec.Manifest, r.rec.Layer, r.rec.DiffID)
+			r.dir, r.release, err = s.layers.MountLayer(remote.WithImageRef(ctx, r.rec.Ref), repo, r.rec.Manifest, r.rec.Layer, r.rec.DiffID)
 		}
 		if err != nil {
 			r.err = err
