@@ -283,12 +283,12 @@ func (c *Client) PutProfile(ctx context.Context, repo Repository, m digest.Diges
 		path:     api.ProfilePath(repo.Name, m),
 		// strata's own route: it goes where layer mounts come from, a
 		// strata mirror included, not only to hosts that take pushes.
-		need:     CapPull,
-		scope:    "repository:" + repo.Name + ":pull,push",
-		header:   http.Header{"Content-Type": {"application/json"}},
-		body:     b,
-		accept:   []int{http.StatusCreated, http.StatusOK},
-		read:     func(*http.Response) error { return nil },
+		need:   CapPull,
+		scope:  "repository:" + repo.Name + ":pull,push",
+		header: http.Header{"Content-Type": {"application/json"}},
+		body:   b,
+		accept: []int{http.StatusCreated, http.StatusOK},
+		read:   func(*http.Response) error { return nil },
 	})
 	if err != nil {
 		return fmt.Errorf("store start-up profile of %s@%s: %w", repo, m, err)
