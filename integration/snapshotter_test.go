@@ -18,6 +18,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/internal/ocilayout"
+	"github.com/strata-oci/strata/internal/remote"
 	"github.com/strata-oci/strata/internal/testenv"
 	"github.com/strata-oci/strata/internal/testimage"
 )
@@ -781,4 +782,58 @@ func TestSnapshotterReferrers(t *testing.T) {
 		e.crictl(t, "rmp", pod)
 		e.crictl(t, "rmi", hello, pause)
 	})
+}
+
+// TestSnapshotterCRIProfile: an image whose start-up profile is in the
+// registry (recorded by `strata run` on another node) starts in a pod with
+// the profile's frames prefetched as the snapshotter mounts each layer.
+func TestSnapshotterCRIProfile(t *testing.T) {
+	testenv.RequireFUSE(t)
+	requireRun(t)
+	layout, _, size := debianPython(t)
+	bb, _ := busyboxLayout(t)
+	reg := startRegistry(t)
+	pause, py := reg.Addr+"/strata/pause:latest", reg.Addr+"/debian/python:latest"
+	pushLayout(t, bb, "pause", pause)
+	pushLayout(t, layout, "latest", py)
+	// Another node records the profile (the first start of the image).
+	root := nodeRoot(t)
+	if out, errOut, code := strataCode(t, root, "run", "--rm", "--plain-http", py, "python3", "-c", `print("hello")`); code != 0 || out != "hello\n" {
+		t.Fatalf("strata run: %d %q %s", code, out, errOut)
+	}
+	// The profile is stored when the container's lease ends.
+	r, _ := remote.ParseReference(py)
+	c := remote.New(remote.Options{Hosts: remote.PlainHosts(remote.IsLoopback)})
+	img, err := c.Resolve(context.Background(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		p, err := c.Profile(context.Background(), r.Repository, img.Digest)
+		if err == nil && len(p.Layers) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no start-up profile stored: %v", err)
+		}
+	}
+
+	e := newCRIEnv(t, containerdVersions[0], pause)
+	e.plainHTTP(t, reg.Addr)
+	e.crictl(t, "pull", pause)
+	pod, podCfg := e.runPod(t, "python")
+	before := blobBytesServed(t, reg)
+	start := time.Now()
+	e.crictl(t, "pull", py)
+	if out := e.runContainer(t, pod, podCfg, py, "python", "python3", "-c", `print("hello")`); out != "hello" {
+		t.Fatalf("container output %q", out)
+	}
+	served := blobBytesServed(t, reg) - before
+	t.Logf("profiled: pull and run in %s; registry served %d blob bytes for a layer of %d", time.Since(start).Round(time.Millisecond), served, size)
+	log, _ := os.ReadFile(e.snapLog)
+	if !strings.Contains(string(log), "layer mounted with its image's start-up profile") {
+		t.Errorf("the snapshotter mounted the layer without the profile:\n%s", grepLines(string(log), "layer"))
+	}
+	e.crictl(t, "stopp", pod)
+	e.crictl(t, "rmp", pod)
 }

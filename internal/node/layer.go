@@ -18,6 +18,7 @@ import (
 	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/layerfs"
 	"github.com/strata-oci/strata/internal/remote"
+	"github.com/strata-oci/strata/internal/startup"
 	"github.com/strata-oci/strata/layerindex"
 )
 
@@ -311,9 +312,14 @@ func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, manife
 			return "", nil, err
 		}
 	}
-	ly, err := m.ref(ctx, &Image{Registry: repo.Registry, Repo: repo.Name}, l, nil)
+	profile := m.mountProfile(ctx, repo, manifest)
+	ly, err := m.ref(ctx, &Image{Registry: repo.Registry, Repo: repo.Name}, l, profile)
 	if err != nil {
 		return "", nil, err
+	}
+	if profile != nil && ly.fs != nil {
+		m.log.Info("layer mounted with its image's start-up profile", "layer", l.Digest, "manifest", manifest,
+			"frames", len(startup.ProfileFrames(profile, l.Digest, ly.fs.Index().Data)))
 	}
 	var once sync.Once
 	return ly.dir, func() { once.Do(func() { m.unref(ly) }) }, nil

@@ -129,8 +129,10 @@ type Manager struct {
 	info map[string]bool // registry → offers layer mounts
 	// expansions: expansion referrers found by MountLayer, by repo@manifest
 	expansions map[string]cachedExpansion
-	layers     map[digest.Digest]*layer
-	leases     map[string]*Lease
+	// mountProfiles: start-up profiles found by MountLayer, by repo@manifest
+	mountProfiles map[string]cachedProfile
+	layers        map[digest.Digest]*layer
+	leases        map[string]*Lease
 	// downloads in progress (fallback pulls), for progress bars
 	downloads map[digest.Digest]*Download
 	// decoded indexes saved by a pull, for the mount that follows
@@ -163,7 +165,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	m := &Manager{
 		opts: opts, root: opts.Root, log: log, cache: c, mounter: opts.Mounter,
-		info: map[string]bool{}, expansions: map[string]cachedExpansion{},
+		info: map[string]bool{}, expansions: map[string]cachedExpansion{}, mountProfiles: map[string]cachedProfile{},
 		layers: map[digest.Digest]*layer{}, leases: map[string]*Lease{},
 		downloads: map[digest.Digest]*Download{},
 		decoded:   map[digest.Digest]*layerindex.Index{},
