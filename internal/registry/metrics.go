@@ -55,8 +55,10 @@ func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
 }
 
-// Wrap returns h instrumented with m.
-func (m *Metrics) Wrap(h http.Handler) http.Handler {
+// Wrap returns h instrumented with m. known reports the extensions the
+// registry serves: only those name a route label, so the label set stays
+// fixed whatever paths clients send (nil: none).
+func (m *Metrics) Wrap(h http.Handler, known func(ext string) bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rt, _ := parseRoute(r.URL.Path)
@@ -65,7 +67,10 @@ func (m *Metrics) Wrap(h http.Handler) http.Handler {
 			kind = "other"
 		}
 		if kind == "ext" {
-			kind = "ext_" + rt.ext
+			kind = "other"
+			if known != nil && known(rt.ext) {
+				kind = "ext_" + rt.ext
+			}
 		}
 		m.inflight.Inc()
 		defer m.inflight.Dec()

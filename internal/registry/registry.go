@@ -69,6 +69,9 @@ func New(s *store.Store, opts Options) *Registry {
 // handler reads the repository name with RepoFromContext.
 func (reg *Registry) Extension(ext string, h http.Handler) { reg.ext[ext] = h }
 
+// HasExtension reports whether extension ext is served.
+func (reg *Registry) HasExtension(ext string) bool { _, ok := reg.ext[ext]; return ok }
+
 type ctxKey int
 
 const (
@@ -90,6 +93,14 @@ var (
 	nameRE        = regexp.MustCompile(`^` + nameComponent + `(?:/` + nameComponent + `)*$`)
 	tagRE         = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
 )
+
+// maxNameLength bounds a repository name, as distribution does.
+const maxNameLength = 255
+
+// validName reports whether name is a repository name the registry takes.
+func validName(name string) bool {
+	return name != "" && len(name) <= maxNameLength && nameRE.MatchString(name)
+}
 
 // route is a parsed /v2/ request path.
 type route struct {
@@ -151,7 +162,7 @@ func (reg *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, newErr(http.StatusNotFound, "NOT_FOUND", "no such endpoint"))
 		return
 	}
-	if rt.repo != "" && !nameRE.MatchString(rt.repo) {
+	if rt.repo != "" && !validName(rt.repo) {
 		writeError(w, r, newErr(http.StatusBadRequest, codeNameInvalid, fmt.Sprintf("invalid repository name %q", rt.repo)))
 		return
 	}
@@ -592,8 +603,10 @@ func (reg *Registry) startUpload(w http.ResponseWriter, r *http.Request, repo st
 	if mount := q.Get("mount"); mount != "" {
 		d, err := digest.Parse(mount)
 		if err == nil {
+			// Only from a named repository that holds the blob: a mount
+			// by digest alone would let anyone link any blob.
 			from := q.Get("from")
-			if from == "" || nameRE.MatchString(from) {
+			if validName(from) {
 				if err := reg.store.MountBlob(r.Context(), repo, from, d); err == nil {
 					blobCreated(w, repo, d)
 					return nil

@@ -39,7 +39,7 @@ func Handler(reg *Registry, cfg ServeConfig) http.Handler {
 		h = RequireAuth(h, cfg.Users, cfg.AnonymousPull)
 	}
 	if cfg.Metrics != nil {
-		h = cfg.Metrics.Wrap(h)
+		h = cfg.Metrics.Wrap(h, reg.HasExtension)
 		mux.Handle("/metrics", cfg.Metrics.Handler())
 	}
 	mux.Handle("/v2/", h)

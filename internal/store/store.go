@@ -249,7 +249,19 @@ func (s *Store) PutBlob(ctx context.Context, repo string, d digest.Digest, size 
 		return err
 	}
 	if s.HasBlob(d) {
-		// Content addressed: drain nothing, link what is there.
+		// Stored already: the bytes sent must still be d's, or anyone
+		// could link any blob into a repository by naming its digest.
+		v := d.Verifier()
+		n, err := io.Copy(v, r)
+		if err != nil {
+			return err
+		}
+		if size >= 0 && n != size {
+			return fmt.Errorf("%w: got %d bytes, want %d", ErrSizeInvalid, n, size)
+		}
+		if !v.Verified() {
+			return fmt.Errorf("%w: content does not match %s", ErrDigestInvalid, d)
+		}
 		return s.link(repo, d)
 	}
 	f, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "blob-")
