@@ -29,7 +29,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	var htpasswd string
 	var anonPull bool
 	var upstream, upUser, upPassFile string
-	var upTTL time.Duration
+	var upTTL, idle time.Duration
+	var maxConns int
 	var config string
 	serve := &cobra.Command{
 		Use:   "serve",
@@ -42,7 +43,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 				return err
 			}
 			metrics := registry.NewMetrics()
-			cfg := registry.ServeConfig{Store: st, Logger: log, Metrics: metrics, TLSCert: cert, TLSKey: key, AnonymousPull: anonPull}
+			cfg := registry.ServeConfig{Store: st, Logger: log, Metrics: metrics, TLSCert: cert, TLSKey: key, AnonymousPull: anonPull,
+				IdleTimeout: idle, MaxConnections: maxConns}
 			if htpasswd != "" {
 				if cfg.Users, err = registry.LoadHtpasswd(htpasswd); err != nil {
 					return err
@@ -89,6 +91,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().StringVar(&htpasswd, "htpasswd", "", "require basic auth with the bcrypt accounts of this htpasswd file")
 	serve.Flags().BoolVar(&anonPull, "anonymous-pull", false, "with --htpasswd: let anyone pull, only accounts push and delete")
 	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
+	serve.Flags().DurationVar(&idle, "idle-timeout", 2*time.Minute, "close keep-alive connections idle this long")
+	serve.Flags().IntVar(&maxConns, "max-connections", 1024, "connections served at once (more wait to be accepted)")
 	serve.Flags().StringVar(&cert, "tls-cert", "", "TLS certificate file (enables HTTPS)")
 	serve.Flags().StringVar(&key, "tls-key", "", "TLS key file")
 	serve.Flags().StringVar(&upstream, "upstream", "", "serve as a read-only pull-through mirror of this registry (https://registry-1.docker.io, http://HOST:PORT)")

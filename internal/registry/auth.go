@@ -2,13 +2,17 @@ package registry
 
 import (
 	"bufio"
+	"crypto/sha256"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
+	"golang.org/x/time/rate"
 )
 
 // Users is a set of accounts read from an htpasswd file (bcrypt entries,
@@ -59,18 +63,106 @@ var dummyHash = sync.OnceValue(func() []byte {
 	return h
 })
 
+// Bounds of the cost of authentication (see checker).
+const (
+	authCacheSize = 1024
+	authCacheTTL  = 10 * time.Minute
+	// A client may fail authentication authFailBurst times at once, then
+	// once per authFailEvery; beyond that it is answered 429 at no cost.
+	authFailBurst = 10
+	authFailEvery = time.Second
+	authClients   = 4096 // clients whose failures are remembered
+)
+
+// checker verifies basic credentials against users at a bounded cost: a
+// bcrypt comparison costs about 100 ms of CPU, so credentials verified once
+// are remembered (by a hash of user and password, for authCacheTTL), and a
+// client that keeps failing is answered 429 without a comparison.
+type checker struct {
+	users Users
+	mu    sync.Mutex
+	ok    map[[32]byte]time.Time
+	fails map[string]*rate.Limiter
+	// compares counts bcrypt comparisons (tests).
+	compares int
+}
+
+func newChecker(users Users) *checker {
+	return &checker{users: users, ok: map[[32]byte]time.Time{}, fails: map[string]*rate.Limiter{}}
+}
+
+// check reports whether the credentials are valid; limited means the
+// client failed too often and nothing was checked.
+func (c *checker) check(client, user, pass string) (valid, limited bool) {
+	key := sha256.Sum256([]byte(user + "\x00" + pass))
+	now := time.Now()
+	c.mu.Lock()
+	if at, ok := c.ok[key]; ok && now.Sub(at) < authCacheTTL {
+		c.mu.Unlock()
+		return true, false
+	}
+	lim := c.fails[client]
+	if lim != nil && lim.Tokens() < 1 {
+		c.mu.Unlock()
+		return false, true
+	}
+	c.compares++
+	c.mu.Unlock()
+	valid = c.users.valid(user, pass)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if valid {
+		if len(c.ok) >= authCacheSize {
+			clear(c.ok)
+		}
+		c.ok[key] = now
+		return true, false
+	}
+	if lim == nil {
+		if len(c.fails) >= authClients {
+			clear(c.fails)
+		}
+		lim = rate.NewLimiter(rate.Every(authFailEvery), authFailBurst)
+		c.fails[client] = lim
+	}
+	lim.Allow() // spend a token for this failure
+	return false, false
+}
+
+// clientOf is the address a request comes from, without its port.
+func clientOf(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
 // RequireAuth wraps h so that every /v2/ request needs valid basic
 // credentials, except reads (GET, HEAD, and the layer-mount POST, which is a
-// read) when anonymousPull is set. /metrics is not wrapped.
+// read) when anonymousPull is set. /metrics is not wrapped. Failures cost
+// the server little (see checker).
 func RequireAuth(h http.Handler, users Users, anonymousPull bool) http.Handler {
+	return requireAuth(h, newChecker(users), anonymousPull)
+}
+
+func requireAuth(h http.Handler, c *checker, anonymousPull bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if anonymousPull && isRead(r) {
 			h.ServeHTTP(w, r)
 			return
 		}
-		if user, pass, ok := r.BasicAuth(); ok && users.valid(user, pass) {
-			h.ServeHTTP(w, r)
-			return
+		if user, pass, ok := r.BasicAuth(); ok {
+			valid, limited := c.check(clientOf(r), user, pass)
+			if valid {
+				h.ServeHTTP(w, r)
+				return
+			}
+			if limited {
+				w.Header().Set("Retry-After", "1")
+				writeError(w, r, newErr(http.StatusTooManyRequests, codeTooManyRequests, "too many failed authentications from this client"))
+				return
+			}
 		}
 		w.Header().Set("WWW-Authenticate", `Basic realm="strata"`)
 		writeError(w, r, newErr(http.StatusUnauthorized, codeUnauthorized, "authentication required"))

@@ -1,12 +1,18 @@
 package registry_test
 
 import (
+	"context"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
+	"github.com/strata-oci/strata/internal/registry"
+	"github.com/strata-oci/strata/internal/store"
 )
 
 // TestMetricsLabelsBounded: paths nobody routes do not become metric
@@ -104,4 +110,58 @@ func TestLongNames(t *testing.T) {
 		t.Errorf("a 129-character tag: %d, want 400", r.code)
 	}
 	io.Discard.Write(nil)
+}
+
+// TestIdleConnectionsClosed: keep-alive connections left idle are closed
+// after the idle timeout, and no more than MaxConnections are served at
+// once.
+func TestIdleConnectionsClosed(t *testing.T) {
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := registry.New(st, registry.Options{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cfg := registry.ServeConfig{Store: st, IdleTimeout: 300 * time.Millisecond, MaxConnections: 4}
+	go registry.Serve(ctx, ln, registry.Handler(reg, cfg), cfg)
+	addr := ln.Addr().String()
+	conns := make([]net.Conn, 4)
+	for i := range conns {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+		conns[i] = c
+	}
+	// A fifth connection is not served while four are open.
+	c5, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c5.Close()
+	fmt.Fprintf(c5, "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+	c5.SetReadDeadline(time.Now().Add(150 * time.Millisecond))
+	if n, _ := c5.Read(make([]byte, 1)); n > 0 {
+		t.Error("a fifth connection was served beyond MaxConnections 4")
+	}
+	// The four idle ones are closed by the server after the idle timeout.
+	for i, c := range conns {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil {
+			t.Errorf("connection %d not closed by the server: %v (read %d bytes)", i, err, len(b))
+		}
+	}
+	// Then the fifth is served.
+	c5.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c5.Read(make([]byte, 1)); n == 0 {
+		t.Errorf("the fifth connection was not served once the others closed: %v", err)
+	}
 }

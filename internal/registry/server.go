@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/strata-oci/strata/internal/store"
+	"golang.org/x/net/netutil"
 )
 
 // ServeConfig is what Serve needs beyond the registry itself.
@@ -25,6 +26,11 @@ type ServeConfig struct {
 	AnonymousPull bool
 	// TLSCert and TLSKey switch on HTTPS.
 	TLSCert, TLSKey string
+	// IdleTimeout closes keep-alive connections idle this long (default
+	// 2 minutes); MaxConnections bounds the connections served at once
+	// (default 1024; more wait to be accepted).
+	IdleTimeout    time.Duration
+	MaxConnections int
 }
 
 // Handler returns reg with /metrics beside it and request logging around it.
@@ -64,7 +70,21 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, cfg ServeConfig
 	if ttl <= 0 {
 		ttl = 24 * time.Hour
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 30 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	idle := cfg.IdleTimeout
+	if idle <= 0 {
+		idle = 2 * time.Minute
+	}
+	maxConns := cfg.MaxConnections
+	if maxConns <= 0 {
+		maxConns = 1024
+	}
+	ln = netutil.LimitListener(ln, maxConns)
+	// No read or write timeout for whole requests: blob uploads and
+	// downloads stream for as long as their size needs on a slow link.
+	// Headers must come within ReadHeaderTimeout, and idle keep-alive
+	// connections are closed.
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: idle,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	go func() {
 		t := time.NewTicker(min(ttl/4, 10*time.Minute))
 		defer t.Stop()
