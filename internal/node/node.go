@@ -159,6 +159,13 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 			return nil, fmt.Errorf("node root: %w", err)
 		}
 	}
+	// Images' setuid files and device nodes, and containers' writable
+	// layers, sit below the root: no other user may traverse it (the class
+	// of CVE-2021-41091; roots made before are fixed too). Containers are
+	// unaffected: runc enters their root file systems as root.
+	if err := os.Chmod(opts.Root, 0o700); err != nil {
+		return nil, fmt.Errorf("node root: %w", err)
+	}
 	c, err := cache.Open(filepath.Join(opts.Root, "cache"), cache.Options{MaxBytes: opts.CacheSize, Logger: log})
 	if err != nil {
 		return nil, err
