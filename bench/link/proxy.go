@@ -112,44 +112,7 @@ func NewProxyIn(listenNS, upstream, nsPath string) (*Proxy, error) {
 // listenIn listens on a free port of 127.0.0.1 inside the namespace at
 // nsPath (the listening socket stays there).
 func listenIn(nsPath string) (net.Listener, error) {
-	type result struct {
-		ln  net.Listener
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(nsPath)
-		if err != nil {
-			ch <- result{err: err}
-			runtime.UnlockOSThread()
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("enter %s: %w", nsPath, err)}
-			runtime.UnlockOSThread()
-			return
-		}
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err2 := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err2 != nil {
-			if ln != nil {
-				ln.Close()
-			}
-			ch <- result{err: errors.Join(err, fmt.Errorf("leave %s: %w", nsPath, err2))}
-			return
-		}
-		runtime.UnlockOSThread()
-		ch <- result{ln, err}
-	}()
-	r := <-ch
-	return r.ln, r.err
+	return inNetNS(nsPath, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
 }
 
 // Bytes returns the bytes forwarded to the upstream and to the clients so
@@ -274,47 +237,56 @@ func (p *Proxy) pipe(dst, src net.Conn, delay time.Duration, notBefore time.Time
 // nsPath: the dialling goroutine's thread enters the namespace for the
 // socket(2) call and leaves it again; the socket stays in the namespace.
 func DialIn(ctx context.Context, nsPath, addr string) (net.Conn, error) {
+	return inNetNS(nsPath, func() (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", addr)
+	})
+}
+
+// inNetNS runs f on a thread inside the network namespace at nsPath, then
+// takes the thread back out; sockets f makes stay in the namespace. A
+// thread that cannot leave is not unlocked: the runtime ends it with its
+// goroutine.
+func inNetNS[T io.Closer](nsPath string, f func() (T, error)) (T, error) {
 	type result struct {
-		c   net.Conn
+		v   T
 		err error
 	}
 	ch := make(chan result, 1)
 	go func() {
+		var zero T
 		runtime.LockOSThread()
-		// The thread is not unlocked if leaving the namespace fails: the
-		// runtime then ends the thread with the goroutine.
 		orig, err := os.Open("/proc/thread-self/ns/net")
 		if err != nil {
-			ch <- result{err: err}
+			ch <- result{zero, err}
 			return
 		}
 		defer orig.Close()
 		target, err := os.Open(nsPath)
 		if err != nil {
-			ch <- result{err: err}
+			ch <- result{zero, err}
 			runtime.UnlockOSThread()
 			return
 		}
 		defer target.Close()
 		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("enter %s: %w", nsPath, err)}
+			ch <- result{zero, fmt.Errorf("enter %s: %w", nsPath, err)}
 			runtime.UnlockOSThread()
 			return
 		}
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", addr)
+		v, err := f()
 		if err2 := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err2 != nil {
-			if c != nil {
-				c.Close()
+			if err == nil {
+				v.Close()
 			}
-			ch <- result{err: errors.Join(err, fmt.Errorf("leave %s: %w", nsPath, err2))}
+			ch <- result{zero, errors.Join(err, fmt.Errorf("leave %s: %w", nsPath, err2))}
 			return
 		}
 		runtime.UnlockOSThread()
-		ch <- result{c, err}
+		ch <- result{v, err}
 	}()
 	r := <-ch
-	return r.c, r.err
+	return r.v, r.err
 }
 
 var _ io.Closer = (*Proxy)(nil)

@@ -24,18 +24,7 @@ var (
 // before, by any process, is served from the kernel's cache with no
 // READDIRPLUS. (OPENDIR and RELEASEDIR still come each time.)
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	ix := n.fs.ix
-	kids := ix.Children(n.i)
-	list := make([]fuse.DirEntry, len(kids))
-	for k, c := range kids {
-		i := n.fs.inode(int(c))
-		list[k] = fuse.DirEntry{
-			Name: baseName(ix.Entries[c].Path),
-			Ino:  uint64(i) + 1,
-			Mode: typeBits(ix.Entries[i].Type),
-		}
-	}
-	return &dirHandle{fs: n.fs, list: list}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+	return &dirHandle{fs: n.fs, list: n.dirEntries()}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
 }
 
 // Flush answers ENOSYS, which tells the kernel never to send FLUSH again

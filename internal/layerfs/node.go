@@ -142,6 +142,11 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 }
 
 func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	return fs.NewListDirStream(n.dirEntries()), 0
+}
+
+// dirEntries lists the directory's entries.
+func (n *node) dirEntries() []fuse.DirEntry {
 	ix := n.fs.ix
 	kids := ix.Children(n.i)
 	list := make([]fuse.DirEntry, len(kids))
@@ -153,7 +158,7 @@ func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 			Mode: typeBits(ix.Entries[i].Type),
 		}
 	}
-	return fs.NewListDirStream(list), 0
+	return list
 }
 
 func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
