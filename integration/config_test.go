@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -28,7 +29,7 @@ func TestConfigRegistry(t *testing.T) {
 				want = tc.extra[1]
 			}
 			cmd := exec.Command(strataBin, append([]string{"registry", "serve", "--config", file}, tc.extra...)...)
-			var out strings.Builder
+			var out lockedBuffer // written by the process while the test reads it
 			cmd.Stdout, cmd.Stderr = &out, &out
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -53,8 +54,12 @@ func TestConfigRegistry(t *testing.T) {
 					t.Fatalf("registry does not answer on %s", want)
 				}
 			}
-			if !strings.Contains(out.String(), "level=DEBUG") {
-				t.Error("log-level = \"debug\" from the file: no debug lines")
+			// The request is logged once its answer is sent: wait a little.
+			for deadline := time.Now().Add(5 * time.Second); !strings.Contains(out.String(), "level=DEBUG"); time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Error("log-level = \"debug\" from the file: no debug lines")
+					break
+				}
 			}
 			if _, err := os.Stat(filepath.Join(dir, "registry")); err != nil {
 				t.Errorf("root from the file: %v", err)
@@ -95,4 +100,23 @@ func TestConfigNode(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// lockedBuffer is a strings.Builder safe for a process's writes while a
+// test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
