@@ -120,3 +120,21 @@ func (l *lockedBuffer) String() string {
 	defer l.mu.Unlock()
 	return l.b.String()
 }
+
+// TestRegistryRootLock: a second registry on a root another serves exits
+// with one line naming the root and the process, and leaves it alone.
+func TestRegistryRootLock(t *testing.T) {
+	reg := startRegistry(t)
+	root := reg.Root
+	cmd := exec.Command(strataBin, "registry", "serve", "--addr", freeAddr(t), "--root", root)
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("a second registry on %s started:\n%s", root, out)
+	}
+	if !strings.Contains(string(out), "registry root in use") || !strings.Contains(string(out), root) {
+		t.Errorf("second registry: %v: %s", err, out)
+	}
+	if resp, err := http.Get("http://" + reg.Addr + "/v2/"); err != nil || resp.StatusCode != 200 {
+		t.Errorf("the first registry stopped answering: %v", err)
+	}
+}

@@ -38,6 +38,11 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := g.logger()
+			unlock, err := store.LockRoot(root)
+			if err != nil {
+				return err
+			}
+			defer unlock()
 			st, err := store.Open(root)
 			if err != nil {
 				return err
