@@ -34,7 +34,12 @@ const (
 	DefaultMaxPathLength        = MaxPathLength
 	DefaultMaxXattrSize         = MaxXattrValue
 	DefaultMaxZstdWindow        = 128 << 20
+	DefaultMaxMetadataBytes     = 64 << 20
 )
+
+// MaxIndexSize bounds an encoded index: Build refuses a layer whose index
+// would be larger, and nodes refuse larger indexes from any source.
+const MaxIndexSize = 128 << 20
 
 // Mode of the directories Build adds for parents that the tar does not
 // list; they are owned by 0:0 and have mtime 0.
@@ -64,6 +69,12 @@ type Options struct {
 	// MaxZstdWindow bounds the window a zstd-compressed layer may ask the
 	// decoder for.
 	MaxZstdWindow int64
+	// MaxMetadataBytes bounds the metadata of the whole layer that Build
+	// keeps in memory and writes into the index: the bytes of entry names,
+	// link targets and xattr names and values, summed over all entries
+	// (replaced ones included). With MaxEntries it bounds the memory of a
+	// Build whatever the layer holds.
+	MaxMetadataBytes int64
 }
 
 func (o Options) withDefaults() Options {
@@ -84,6 +95,9 @@ func (o Options) withDefaults() Options {
 	def(&o.MaxXattrSize, DefaultMaxXattrSize, MaxXattrValue)
 	if o.MaxZstdWindow <= 0 {
 		o.MaxZstdWindow = DefaultMaxZstdWindow
+	}
+	if o.MaxMetadataBytes <= 0 {
+		o.MaxMetadataBytes = DefaultMaxMetadataBytes
 	}
 	if o.MaxZstdWindow < zstd.MinWindowSize {
 		o.MaxZstdWindow = zstd.MinWindowSize
@@ -262,6 +276,7 @@ type builder struct {
 	format  string // "gzip", "zstd", "tar"
 	root    *node
 	entries int
+	meta    int64 // metadata bytes so far (Options.MaxMetadataBytes)
 
 	out io.Writer
 	*frameWriter
@@ -350,6 +365,9 @@ func (b *builder) run() (*Index, error) {
 	enc, err := x.MarshalBinary()
 	if err != nil {
 		return nil, &LayerError{Reason: "the expanded index breaks a limit of the format", Err: err}
+	}
+	if len(enc) > MaxIndexSize {
+		return nil, overBudget("", "the index would take %d bytes, more than the %d nodes accept", len(enc), MaxIndexSize)
 	}
 	return Decode(enc)
 }
@@ -455,6 +473,15 @@ func (b *builder) countEntry(name string) error {
 	return nil
 }
 
+// countMeta adds n bytes of metadata of entry name to the budget.
+func (b *builder) countMeta(name string, n int) error {
+	b.meta += int64(n)
+	if b.meta > b.opts.MaxMetadataBytes {
+		return overBudget(name, "names, link targets and xattrs exceed the metadata budget of %d bytes", b.opts.MaxMetadataBytes)
+	}
+	return nil
+}
+
 func (b *builder) metaOf(hdr *tar.Header) (meta, error) {
 	m := meta{mode: uint32(hdr.Mode & ModeMask)}
 	if hdr.Uid < 0 || int64(hdr.Uid) > math.MaxUint32 || hdr.Gid < 0 || int64(hdr.Gid) > math.MaxUint32 {
@@ -473,6 +500,9 @@ func (b *builder) metaOf(hdr *tar.Header) (meta, error) {
 		}
 		if len(v) > b.opts.MaxXattrSize {
 			return m, overBudget(hdr.Name, "xattr %q of %d bytes exceeds the budget of %d", name, len(v), b.opts.MaxXattrSize)
+		}
+		if err := b.countMeta(hdr.Name, len(name)+len(v)); err != nil {
+			return m, err
 		}
 		m.xattrs = append(m.xattrs, Xattr{Name: name, Value: v})
 	}
@@ -537,6 +567,9 @@ func (b *builder) add(hdr *tar.Header, tr io.Reader) error {
 	}
 	comps, err := b.splitPath(hdr.Name, raw, "path")
 	if err != nil {
+		return err
+	}
+	if err := b.countMeta(raw, len(hdr.Name)+len(hdr.Linkname)); err != nil {
 		return err
 	}
 

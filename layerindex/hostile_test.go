@@ -3,9 +3,12 @@ package layerindex_test
 import (
 	"archive/tar"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -258,6 +261,8 @@ func TestBuildHostile(t *testing.T) {
 		{name: "path length budget", layer: tarOf(t, tar.FormatPAX, reg(strings.Repeat("x", 60), "")), opts: layerindex.Options{MaxPathLength: 50}, refuse: "longer than the budget", budget: true},
 		{name: "name too long", layer: tarOf(t, tar.FormatPAX, reg(strings.Repeat("x", 256), "")), refuse: "longer than 255"},
 		{name: "xattr budget", layer: tarOf(t, tar.FormatPAX, withXattrs(reg("f", ""), "user.big", strings.Repeat("v", 100))), opts: layerindex.Options{MaxXattrSize: 16}, refuse: "xattr", budget: true},
+		{name: "metadata budget: xattrs", layer: tarOf(t, tar.FormatPAX, withXattrs(reg("f", ""), "user.a", strings.Repeat("v", 60)), withXattrs(reg("g", ""), "user.a", strings.Repeat("v", 60))), opts: layerindex.Options{MaxMetadataBytes: 100}, refuse: "metadata budget", budget: true},
+		{name: "metadata budget: names", layer: tarOf(t, tar.FormatPAX, reg(strings.Repeat("x", 60), ""), reg(strings.Repeat("y", 60), "")), opts: layerindex.Options{MaxMetadataBytes: 100}, refuse: "metadata budget", budget: true},
 		{name: "zstd window budget", layer: wideZstd, opts: layerindex.Options{MaxZstdWindow: 1 << 20}, refuse: "window", budget: true},
 		{name: "devices and fifo kept as metadata", layer: deviceTar,
 			check: func(t *testing.T, x *layerindex.Index, data []byte) {
@@ -382,3 +387,41 @@ func (r *failingReader) Read(p []byte) (int, error) {
 type failingWriter struct{ err error }
 
 func (w failingWriter) Write([]byte) (int, error) { return 0, w.err }
+
+// TestXattrBomb: half a megabyte of gzip holding 600 files with 15 xattrs
+// of 64 KiB each. Before the metadata budget, Build kept all of it (a
+// 589 MB index, 6.4 GB of heap at its peak); now the default budget stops
+// it at the 68th file, with a few tens of MB of heap.
+func TestXattrBomb(t *testing.T) {
+	var buf bytes.Buffer
+	gw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(gw)
+	val := strings.Repeat("x", 64<<10-100)
+	for i := range 600 {
+		pax := map[string]string{}
+		for j := range 15 {
+			pax[fmt.Sprintf("SCHILY.xattr.user.a%02d", j)] = val
+		}
+		if err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%05d", i), Mode: 0o644, Typeflag: tar.TypeReg, PAXRecords: pax, Format: tar.FormatPAX}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	gw.Close()
+	var before runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	_, err := layerindex.Build(context.Background(), bytes.NewReader(buf.Bytes()), io.Discard, layerindex.Options{})
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	t.Logf("%d bytes of gzip; %d MB allocated by Build", buf.Len(), (after.TotalAlloc-before.TotalAlloc)>>20)
+	if !errors.Is(err, layerindex.ErrBudget) || !strings.Contains(err.Error(), "metadata budget") {
+		t.Fatalf("Build = %v, want the metadata budget refusal", err)
+	}
+	var le *layerindex.LayerError
+	if !errors.As(err, &le) || le.Name >= "f00100" {
+		t.Fatalf("refused at %q, want within the first 100 files", le.Name)
+	}
+}

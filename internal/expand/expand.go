@@ -15,9 +15,13 @@
 //	done/<alg>-<hex>      a finished expansion: the api.MountDescriptor as JSON
 //	failed/<alg>-<hex>    a layer that cannot be expanded: the reason, as text
 //	index-zst/<alg>-<hex> an index blob (by its digest) compressed with zstd, as served
+//	started/<alg>-<hex>   how many times the expansion of a layer began and did not end
 //
-// All three are written atomically. A restart re-queues everything in
-// queue/, so unfinished work is redone. Expansion never makes a push fail:
+// All are written atomically. A restart re-queues everything in
+// queue/, so unfinished work is redone; a layer whose expansion began
+// maxAttempts times without ending (the process died each time, for
+// instance killed for memory) is recorded as failed instead, so that no
+// layer can make the registry crash at every start. Expansion never makes a push fail:
 // errors are logged and recorded, never returned to the pusher.
 package expand
 
@@ -31,6 +35,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -108,7 +113,7 @@ func New(st *store.Store, opts Options) (*Service, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	dir := filepath.Join(st.Root(), "expand")
-	for _, d := range []string{"queue", "done", "failed", "index-zst"} {
+	for _, d := range []string{"queue", "done", "failed", "index-zst", "started"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o755); err != nil {
 			return nil, fmt.Errorf("expand: %w", err)
 		}
@@ -355,7 +360,33 @@ func (s *Service) process(ctx context.Context, d digest.Digest) {
 	}
 	outcome := "ok"
 	if s.done(d) == nil && s.failed(d) == "" {
+		started := s.path("started", d)
+		n, _ := strconv.Atoi(strings.TrimSpace(readString(started)))
+		if n >= maxAttempts {
+			reason := fmt.Sprintf("expand %s: %v: the expansion began %d times and never ended (the registry stopped during each)", d, layerindex.ErrInvalidLayer, n)
+			s.log.Error("layer cannot be expanded", "layer", d, "reason", reason)
+			atomicfile.Write(s.path("failed", d), []byte(reason))
+			os.Remove(started)
+			os.Remove(s.path("queue", d))
+			if s.opts.OnDone != nil {
+				s.opts.OnDone("invalid")
+			}
+			return
+		}
+		if err := atomicfile.Write(started, []byte(strconv.Itoa(n+1))); err != nil {
+			s.log.Warn("expand: cannot record the attempt", "layer", d, "err", err)
+		}
 		md, err := s.expand(ctx, j.Repos[0], d)
+		if ctx.Err() != nil && err != nil {
+			// Shutting down: this attempt does not count.
+			if n == 0 {
+				os.Remove(started)
+			} else {
+				atomicfile.Write(started, []byte(strconv.Itoa(n)))
+			}
+			return // the queue record stays for the next start
+		}
+		os.Remove(started)
 		switch {
 		case err == nil:
 			b, _ := json.Marshal(md)
@@ -370,9 +401,6 @@ func (s *Service) process(ctx context.Context, d digest.Digest) {
 			atomicfile.Write(s.path("failed", d), []byte(err.Error()))
 		default:
 			outcome = "error"
-			if ctx.Err() != nil {
-				return // shutting down: the queue record stays for the next start
-			}
 			s.log.Error("expand: failed, will retry on the next request", "layer", d, "err", err)
 			os.Remove(s.path("queue", d))
 			if s.opts.OnDone != nil {
@@ -394,6 +422,15 @@ func (s *Service) process(ctx context.Context, d digest.Digest) {
 	for _, ref := range j.Manifests {
 		s.maybePublish(ctx, ref)
 	}
+}
+
+// maxAttempts bounds how often the expansion of one layer may begin
+// without ending before the layer is recorded as failed.
+const maxAttempts = 3
+
+func readString(path string) string {
+	b, _ := os.ReadFile(path)
+	return string(b)
 }
 
 // expand builds the expansion of layer d (read from repo) and stores its

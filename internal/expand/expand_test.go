@@ -9,6 +9,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -331,5 +333,84 @@ func TestRestartRedoesQueuedWork(t *testing.T) {
 	srv2 := start(t, root)
 	if code, body := mount(t, srv2.URL, "r", descs[0].Digest); code != 200 {
 		t.Fatalf("after restart: %d %s", code, body)
+	}
+}
+
+// TestCrashingExpansionNotRetried: a layer whose expansion began three
+// times without ending (the registry killed during each, say for memory)
+// is recorded as failed at the next start, not expanded a fourth time; one
+// that began twice gets its third attempt.
+func TestCrashingExpansionNotRetried(t *testing.T) {
+	root := t.TempDir()
+	st, err := store.Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := httptest.NewServer(registry.New(st, registry.Options{}))
+	tr, _ := files(t)
+	layer := ocilayout.GzipLayer(tr)
+	otherTar, err := ocilayout.Tar([]ocilayout.Entry{{Name: "b", Content: []byte("other")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := ocilayout.GzipLayer(otherTar)
+	bad := pushBlob(t, plain.URL, "r", layer.Blob)
+	retry := pushBlob(t, plain.URL, "r", other.Blob)
+	plain.Close()
+	dir := filepath.Join(root, "expand")
+	for _, c := range []struct {
+		d        digest.Digest
+		attempts string
+	}{{bad.Digest, "3"}, {retry.Digest, "2"}} {
+		name := string(c.d.Algorithm()) + "-" + c.d.Encoded()
+		for sub, content := range map[string]string{"queue": `{"layer":"` + c.d.String() + `","repos":["r"]}`, "started": c.attempts} {
+			os.MkdirAll(filepath.Join(dir, sub), 0o755)
+			if err := os.WriteFile(filepath.Join(dir, sub, name), []byte(content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	srv := start(t, root)
+	code, body := mount(t, srv.URL, "r", bad.Digest)
+	if code != http.StatusUnprocessableEntity || !strings.Contains(string(body), "began 3 times") {
+		t.Fatalf("layer that crashed the registry 3 times: %d %s", code, body)
+	}
+	if code, body := mount(t, srv.URL, "r", retry.Digest); code != 200 {
+		t.Fatalf("layer that crashed it twice: %d %s", code, body)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dir, "started")); len(ents) != 0 {
+		t.Errorf("attempt records left: %v", ents)
+	}
+	if code, _, b := req(t, "GET", srv.URL+"/v2/r/blobs/"+bad.Digest.String(), nil); code != 200 || !bytes.Equal(b, layer.Blob) {
+		t.Fatalf("failed layer no longer pullable: %d", code)
+	}
+}
+
+// TestXattrBombRefused: a layer of large xattrs (half a megabyte of gzip
+// that expanded to a 589 MB index with gigabytes of memory) is refused for
+// the metadata budget, recorded as failed, and still pulls whole.
+func TestXattrBombRefused(t *testing.T) {
+	srv := start(t, t.TempDir())
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	val := strings.Repeat("x", 64<<10-100)
+	for i := range 200 {
+		pax := map[string]string{}
+		for j := range 15 {
+			pax[fmt.Sprintf("SCHILY.xattr.user.a%02d", j)] = val
+		}
+		if err := tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("f%05d", i), Mode: 0o644, Typeflag: tar.TypeReg, PAXRecords: pax, Format: tar.FormatPAX}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tw.Close()
+	bomb := ocilayout.GzipLayer(buf.Bytes())
+	_, descs := pushImage(t, srv.URL, "bomb", "v1", bomb)
+	code, body := mount(t, srv.URL, "bomb", descs[0].Digest)
+	if code != http.StatusUnprocessableEntity || !strings.Contains(string(body), "metadata budget") {
+		t.Fatalf("xattr bomb: %d %s", code, body)
+	}
+	if code, _, b := req(t, "GET", srv.URL+"/v2/bomb/blobs/"+descs[0].Digest.String(), nil); code != 200 || !bytes.Equal(b, bomb.Blob) {
+		t.Fatalf("bomb layer no longer pullable: %d", code)
 	}
 }
