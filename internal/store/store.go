@@ -47,6 +47,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/strata-oci/strata/internal/atomicfile"
 )
 
 // Sentinel errors. The registry maps them to OCI error codes.
@@ -122,7 +123,7 @@ func validDigest(d digest.Digest) error {
 
 // writeFileAtomic writes data to path through a temporary file, fsync and rename.
 func (s *Store) writeFileAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
 	f, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "w-")
@@ -149,7 +150,7 @@ func (s *Store) writeFileAtomic(path string, data []byte) error {
 
 // rename moves a finished temporary file into place and syncs the directory.
 func (s *Store) rename(tmp, path string) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		os.Remove(tmp)
 		return err
 	}
@@ -157,10 +158,7 @@ func (s *Store) rename(tmp, path string) error {
 		os.Remove(tmp)
 		return err
 	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
+	atomicfile.SyncDir(filepath.Dir(path))
 	return nil
 }
 

@@ -13,6 +13,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/strata-oci/strata/internal/atomicfile"
 	"github.com/strata-oci/strata/internal/store"
 )
 
@@ -253,5 +254,34 @@ func TestManifestsTagsReferrers(t *testing.T) {
 	repos, _ := s.Repositories(ctx)
 	if strings.Join(repos, ",") != "r" {
 		t.Fatalf("repositories = %v", repos)
+	}
+}
+
+// TestNewDirectoriesSynced: a blob stored under a shard directory that did
+// not exist, linked into a repository that did not exist, is durable only
+// if the new directories' entries are synced too.
+func TestNewDirectoriesSynced(t *testing.T) {
+	s, root := open(t)
+	var mu sync.Mutex
+	synced := map[string]bool{}
+	old := atomicfile.SyncDir
+	atomicfile.SyncDir = func(dir string) { mu.Lock(); synced[dir] = true; mu.Unlock(); old(dir) }
+	t.Cleanup(func() { atomicfile.SyncDir = old })
+	b := []byte("a blob in a new shard")
+	d := digest.FromBytes(b)
+	if err := s.PutBlob(context.Background(), "new/repo", d, int64(len(b)), bytes.NewReader(b)); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, dir := range []string{
+		filepath.Join(root, "blobs", "sha256"),                  // holds the new shard
+		filepath.Join(root, "blobs", "sha256", d.Encoded()[:2]), // holds the blob
+		filepath.Join(root, "repositories"),                     // holds the new repository
+		filepath.Join(root, "repositories", "new"),
+	} {
+		if !synced[dir] {
+			t.Errorf("%s not synced", dir)
+		}
 	}
 }
