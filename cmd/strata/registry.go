@@ -30,7 +30,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	var anonPull bool
 	var upstream, upUser, upPassFile string
 	var upTTL, idle time.Duration
-	var maxConns int
+	var maxConns, maxUploads int
+	var maxBlob int64
 	var config string
 	serve := &cobra.Command{
 		Use:   "serve",
@@ -66,7 +67,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 				return err
 			}
 			go exp.Run(cmd.Context())
-			opts := registry.Options{Logger: log, Metrics: metrics, OnManifest: exp.OnManifest}
+			opts := registry.Options{Logger: log, Metrics: metrics, OnManifest: exp.OnManifest,
+				MaxBlobSize: maxBlob, MaxUploadsPerClient: maxUploads}
 			if upstream != "" {
 				if mir, err = newMirror(upstream, upUser, upPassFile, upTTL, st, exp, log); err != nil {
 					return usageError{cmd, err}
@@ -98,6 +100,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
 	serve.Flags().DurationVar(&idle, "idle-timeout", 2*time.Minute, "close keep-alive connections idle this long")
 	serve.Flags().IntVar(&maxConns, "max-connections", 1024, "connections served at once (more wait to be accepted)")
+	serve.Flags().Int64Var(&maxBlob, "max-blob-size", registry.DefaultMaxBlobSize, "largest blob a push may store, in bytes (-1: no limit); larger pushes get 413")
+	serve.Flags().IntVar(&maxUploads, "max-uploads-per-client", registry.DefaultMaxUploadsPerClient, "upload sessions one client address may hold open (-1: no limit); more get 429")
 	serve.Flags().StringVar(&cert, "tls-cert", "", "TLS certificate file (enables HTTPS)")
 	serve.Flags().StringVar(&key, "tls-key", "", "TLS key file")
 	serve.Flags().StringVar(&upstream, "upstream", "", "serve as a read-only pull-through mirror of this registry (https://registry-1.docker.io, http://HOST:PORT)")

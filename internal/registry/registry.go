@@ -36,6 +36,13 @@ type Options struct {
 	// before a manifest or blob is read, and every write to the
 	// distribution API is refused.
 	Upstream Upstream
+	// MaxBlobSize bounds the size of a pushed blob: 0 means
+	// DefaultMaxBlobSize, negative no limit. Larger pushes get 413.
+	MaxBlobSize int64
+	// MaxUploadsPerClient bounds the upload sessions one client (by
+	// address) may hold open: 0 means DefaultMaxUploadsPerClient,
+	// negative no limit. More get 429.
+	MaxUploadsPerClient int
 }
 
 // Upstream is the registry a mirror serves (package mirror).
@@ -54,6 +61,8 @@ type Registry struct {
 	opts  Options
 	log   *slog.Logger
 	ext   map[string]http.Handler
+
+	sessions sessions
 }
 
 // New returns a registry serving s.
@@ -559,7 +568,15 @@ func (reg *Registry) upload(w http.ResponseWriter, r *http.Request, repo, id str
 		if err != nil {
 			return err
 		}
-		size, err := reg.store.AppendUpload(r.Context(), repo, id, start, length, r.Body)
+		have, err := reg.store.UploadStatus(r.Context(), repo, id)
+		if err != nil {
+			return err
+		}
+		body, err := reg.limitBody(r, have)
+		if err != nil {
+			return err
+		}
+		size, err := reg.store.AppendUpload(r.Context(), repo, id, start, length, body)
 		if err != nil {
 			if re := toRegError(err); re.Status == http.StatusRequestedRangeNotSatisfiable {
 				uploadHeaders(w, repo, id, size)
@@ -579,11 +596,23 @@ func (reg *Registry) upload(w http.ResponseWriter, r *http.Request, repo, id str
 			return err
 		}
 		if length != 0 {
-			if _, err := reg.store.AppendUpload(r.Context(), repo, id, start, length, r.Body); err != nil {
+			have, err := reg.store.UploadStatus(r.Context(), repo, id)
+			if err != nil {
+				return err
+			}
+			body, err := reg.limitBody(r, have)
+			if err != nil {
+				return err
+			}
+			if _, err := reg.store.AppendUpload(r.Context(), repo, id, start, length, body); err != nil {
 				return err
 			}
 		}
-		if _, err := reg.store.CommitUpload(r.Context(), repo, id, d); err != nil {
+		_, err = reg.store.CommitUpload(r.Context(), repo, id, d)
+		if err == nil || !reg.store.UploadExists(id) {
+			reg.endUpload(id)
+		}
+		if err != nil {
 			return err
 		}
 		blobCreated(w, repo, d)
@@ -592,6 +621,7 @@ func (reg *Registry) upload(w http.ResponseWriter, r *http.Request, repo, id str
 		if err := reg.store.CancelUpload(r.Context(), repo, id); err != nil {
 			return err
 		}
+		reg.endUpload(id)
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
@@ -621,16 +651,25 @@ func (reg *Registry) startUpload(w http.ResponseWriter, r *http.Request, repo st
 			return err
 		}
 		size := r.ContentLength
-		if err := reg.store.PutBlob(r.Context(), repo, d, size, r.Body); err != nil {
+		body, err := reg.limitBody(r, 0)
+		if err != nil {
+			return err
+		}
+		if err := reg.store.PutBlob(r.Context(), repo, d, size, body); err != nil {
 			return err
 		}
 		blobCreated(w, repo, d)
 		return nil
 	}
+	client := clientOf(r)
+	if err := reg.admitUpload(client); err != nil {
+		return err
+	}
 	id, err := reg.store.NewUpload(r.Context(), repo)
 	if err != nil {
 		return err
 	}
+	reg.startedUpload(client, id)
 	uploadHeaders(w, repo, id, 0)
 	w.WriteHeader(http.StatusAccepted)
 	return nil

@@ -614,6 +614,15 @@ func validUploadID(id string) bool {
 	return err == nil
 }
 
+// UploadExists reports whether upload session id is open.
+func (s *Store) UploadExists(id string) bool {
+	if !validUploadID(id) {
+		return false
+	}
+	_, err := os.Stat(s.uploadDir(id))
+	return err == nil
+}
+
 // NewUpload starts an upload session for repo and returns its id.
 func (s *Store) NewUpload(ctx context.Context, repo string) (string, error) {
 	id := newUploadID()

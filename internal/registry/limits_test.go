@@ -1,0 +1,130 @@
+package registry_test
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/strata-oci/strata/internal/registry"
+	"github.com/strata-oci/strata/internal/store"
+)
+
+func newLimitedServer(t *testing.T, opts registry.Options) *httptest.Server {
+	t.Helper()
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(registry.Handler(registry.New(st, opts), registry.ServeConfig{Store: st}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// streamed sends body without a Content-Length (chunked).
+func streamed(t *testing.T, method, url string, body []byte) resp {
+	t.Helper()
+	req, err := http.NewRequest(method, url, io.MultiReader(bytes.NewReader(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.ContentLength = -1
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return resp{r.StatusCode, r.Header, string(b)}
+}
+
+// TestMaxBlobSize: a blob past --max-blob-size is refused with 413 on
+// every way of pushing it (monolithic, chunked with or without a length,
+// in the closing PUT), and nothing of it stays; up to the limit pushes
+// work as before. Before the limit, any size was stored.
+func TestMaxBlobSize(t *testing.T) {
+	srv := newLimitedServer(t, registry.Options{MaxBlobSize: 1000})
+	exact := bytes.Repeat([]byte("a"), 1000)
+	big := bytes.Repeat([]byte("b"), 1001)
+	if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/?digest="+digest.FromBytes(exact).String(), nil, exact); r.code != http.StatusCreated {
+		t.Fatalf("blob of the limit's size: %d %s", r.code, r.body)
+	}
+	if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/?digest="+digest.FromBytes(big).String(), nil, big); r.code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("monolithic blob past the limit: %d %s", r.code, r.body)
+	}
+	if r := streamed(t, "POST", srv.URL+"/v2/r/blobs/uploads/?digest="+digest.FromBytes(big).String(), big); r.code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("streamed monolithic blob past the limit: %d %s", r.code, r.body)
+	}
+	if r := do(t, "HEAD", srv.URL+"/v2/r/blobs/"+digest.FromBytes(big).String(), nil, nil); r.code != http.StatusNotFound {
+		t.Fatalf("refused blob is visible: %d", r.code)
+	}
+
+	session := func() string {
+		r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/", nil, nil)
+		if r.code != http.StatusAccepted {
+			t.Fatalf("start upload: %d %s", r.code, r.body)
+		}
+		return srv.URL + r.hdr.Get("Location")
+	}
+	// Chunks: 600 bytes, then 401 more (declared) is refused, the upload
+	// keeps its 600 bytes and takes 400 more.
+	loc := session()
+	if r := do(t, "PATCH", loc, map[string]string{"Content-Range": "0-599"}, big[:600]); r.code != http.StatusAccepted {
+		t.Fatalf("first chunk: %d %s", r.code, r.body)
+	}
+	if r := do(t, "PATCH", loc, map[string]string{"Content-Range": "600-1000"}, big[600:]); r.code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("chunk past the limit: %d %s", r.code, r.body)
+	}
+	if r := streamed(t, "PATCH", loc, big[600:]); r.code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("streamed chunk past the limit: %d %s", r.code, r.body)
+	}
+	if r := do(t, "GET", loc, nil, nil); r.hdr.Get("Range") != "0-599" {
+		t.Fatalf("after refused chunks the upload has Range %q, want 0-599", r.hdr.Get("Range"))
+	}
+	if r := do(t, "PUT", loc+"?digest="+digest.FromBytes(big).String(), map[string]string{"Content-Range": "600-1000"}, big[600:]); r.code != http.StatusRequestEntityTooLarge {
+		t.Fatalf("closing PUT past the limit: %d %s", r.code, r.body)
+	}
+	b := append(bytes.Clone(big[:600]), exact[:400]...)
+	if r := do(t, "PUT", loc+"?digest="+digest.FromBytes(b).String(), map[string]string{"Content-Range": "600-999"}, exact[:400]); r.code != http.StatusCreated {
+		t.Fatalf("closing PUT up to the limit: %d %s", r.code, r.body)
+	}
+}
+
+// TestUploadSessionsPerClient: one client may hold a bounded number of
+// upload sessions open; ending one (commit or cancel) frees its place.
+// Before, sessions were unbounded (each a directory and a file).
+func TestUploadSessionsPerClient(t *testing.T) {
+	srv := newLimitedServer(t, registry.Options{MaxUploadsPerClient: 3})
+	var locs []string
+	for range 3 {
+		r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/", nil, nil)
+		if r.code != http.StatusAccepted {
+			t.Fatalf("session %d: %d %s", len(locs), r.code, r.body)
+		}
+		locs = append(locs, srv.URL+r.hdr.Get("Location"))
+	}
+	if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/", nil, nil); r.code != http.StatusTooManyRequests || errorCode(t, r.body) != "TOOMANYREQUESTS" {
+		t.Fatalf("a session past the limit: %d %s", r.code, r.body)
+	}
+	// Monolithic pushes and mounts open no session: still allowed.
+	if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/?digest="+digest.FromBytes([]byte("x")).String(), nil, []byte("x")); r.code != http.StatusCreated {
+		t.Fatalf("monolithic push at the session limit: %d %s", r.code, r.body)
+	}
+	if r := do(t, "DELETE", locs[0], nil, nil); r.code != http.StatusNoContent {
+		t.Fatalf("cancel: %d %s", r.code, r.body)
+	}
+	if r := do(t, "PUT", locs[1]+"?digest="+digest.FromBytes([]byte("y")).String(), nil, []byte("y")); r.code != http.StatusCreated {
+		t.Fatalf("commit: %d %s", r.code, r.body)
+	}
+	for i := range 2 {
+		if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/", nil, nil); r.code != http.StatusAccepted {
+			t.Fatalf("session %d after two ended: %d %s", i, r.code, r.body)
+		}
+	}
+	if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/", nil, nil); r.code != http.StatusTooManyRequests {
+		t.Fatalf("past the limit again: %d", r.code)
+	}
+}
