@@ -91,6 +91,8 @@ type Service struct {
 	finished chan struct{}
 	// packing holds a token while a start-up pack is made: one at a time.
 	packing chan struct{}
+	// profileMu orders profile writes (see PutProfile).
+	profileMu sync.Mutex
 }
 
 // job is a queued layer and who is waiting for it.

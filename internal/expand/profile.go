@@ -161,21 +161,47 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
+	// One profile write at a time: the pack a replaced profile leaves
+	// behind is removed only if no other profile names it.
+	s.profileMu.Lock()
 	var old api.Profile
 	if ob, err := os.ReadFile(path); err == nil && json.Unmarshal(ob, &old) != nil {
 		old.Pack = nil
 	}
 	if err := atomicfile.Write(path, b); err != nil {
+		s.profileMu.Unlock()
 		return err
 	}
-	// The pack of the profile this one replaced leaves the repository.
-	if old.Pack != nil && (p.Pack == nil || old.Pack.Digest != p.Pack.Digest) {
+	// The pack of the profile this one replaced leaves the repository,
+	// unless another image's profile there has the same pack.
+	if old.Pack != nil && (p.Pack == nil || old.Pack.Digest != p.Pack.Digest) && !packNamed(filepath.Dir(path), old.Pack.Digest) {
 		s.st.DeleteBlob(ctx, repo, old.Pack.Digest)
 	}
+	s.profileMu.Unlock()
 	if err := s.publishProfile(ctx, repo, man, b, p.Pack); err != nil {
 		s.log.Warn("start-up profile not published as a referrer", "repo", repo, "manifest", m, "err", err)
 	}
 	return nil
+}
+
+// packNamed reports whether a profile in dir (one repository's) names
+// pack d.
+func packNamed(dir string, d digest.Digest) bool {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if _, ok := nameDigest(e.Name()); !ok {
+			continue // artifact records, temporary files
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		var p api.Profile
+		if err != nil || json.Unmarshal(b, &p) != nil {
+			continue
+		}
+		if p.Pack != nil && p.Pack.Digest == d {
+			return true
+		}
+	}
+	return false
 }
 
 // publishProfile publishes profile b of manifest man (and its pack) as a

@@ -243,3 +243,65 @@ func TestProfileReferrer(t *testing.T) {
 		t.Errorf("profile from the copied artifact: %d %s", code, body)
 	}
 }
+
+// TestProfilePackShared: two images of one repository whose profiles have
+// the same pack (same layers, same pages); replacing one image's profile
+// must not remove the pack the other's still names. Before, it was
+// unlinked from the repository and the other image's starts lost it.
+func TestProfilePackShared(t *testing.T) {
+	srv := start(t, t.TempDir())
+	defer srv.stop()
+	m1, layer, md, _ := mountedImage(t, srv)
+	// A second manifest of the same layers: the first with an annotation.
+	code, _, mb := req(t, "GET", srv.URL+"/v2/lib/app/manifests/"+m1.String(), nil, "Accept", ocispec.MediaTypeImageManifest)
+	var man ocispec.Manifest
+	if code != 200 || json.Unmarshal(mb, &man) != nil {
+		t.Fatalf("manifest: %d", code)
+	}
+	man.Annotations = map[string]string{"v": "2"}
+	mb2, _ := json.Marshal(man)
+	if code, _, body := req(t, "PUT", srv.URL+"/v2/lib/app/manifests/v2", mb2, "Content-Type", ocispec.MediaTypeImageManifest); code != 201 {
+		t.Fatalf("push v2: %d %s", code, body)
+	}
+	m2 := digest.FromBytes(mb2)
+	profile := func(pages [][2]int64) []byte {
+		b, _ := json.Marshal(api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{
+			Layer: layer, Data: md.Data.Digest, Frames: []int{0}, Pages: pages,
+		}}})
+		return b
+	}
+	packOf := func(m digest.Digest) digest.Digest {
+		code, _, body := req(t, "GET", srv.URL+api.ProfilePath("lib/app", m), nil)
+		var p api.Profile
+		if code != 200 || json.Unmarshal(body, &p) != nil || p.Pack == nil {
+			t.Fatalf("profile of %s: %d %s", m, code, body)
+		}
+		return p.Pack.Digest
+	}
+	for _, m := range []digest.Digest{m1, m2} {
+		if code, _, body := req(t, "PUT", srv.URL+api.ProfilePath("lib/app", m), profile([][2]int64{{0, 4}}), "Content-Type", "application/json"); code != 201 {
+			t.Fatalf("PUT profile: %d %s", code, body)
+		}
+	}
+	shared := packOf(m1)
+	if packOf(m2) != shared {
+		t.Fatal("the two profiles have different packs; the test needs one")
+	}
+	// m1's profile replaced: its pack changes, m2's stays.
+	if code, _, body := req(t, "PUT", srv.URL+api.ProfilePath("lib/app", m1), profile([][2]int64{{0, 2}}), "Content-Type", "application/json"); code != 201 {
+		t.Fatalf("replace profile: %d %s", code, body)
+	}
+	if packOf(m1) == shared {
+		t.Fatal("replaced profile kept its pack")
+	}
+	if code, _, _ := req(t, "HEAD", srv.URL+"/v2/lib/app/blobs/"+shared.String(), nil); code != 200 {
+		t.Fatalf("the pack m2's profile names: %d after m1's profile was replaced", code)
+	}
+	// m2's replaced too: nobody names the shared pack, it leaves the repository.
+	if code, _, body := req(t, "PUT", srv.URL+api.ProfilePath("lib/app", m2), profile([][2]int64{{0, 2}}), "Content-Type", "application/json"); code != 201 {
+		t.Fatalf("replace profile: %d %s", code, body)
+	}
+	if code, _, _ := req(t, "HEAD", srv.URL+"/v2/lib/app/blobs/"+shared.String(), nil); code != 404 {
+		t.Fatalf("a pack no profile names: %d, want 404", code)
+	}
+}
