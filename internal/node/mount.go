@@ -38,12 +38,15 @@ func (KernelMounter) MountLayer(ctx context.Context, dir string, fs *layerfs.FS)
 	return fs.Mount(ctx, dir)
 }
 
-// MountUnion mounts an overlayfs of lowers at dir, read-only.
+// MountUnion mounts an overlayfs of lowers at dir, read-only, nosuid and
+// nodev: a view of an image, at a path any user may reach, must not give
+// them its setuid binaries or device nodes.
 func (KernelMounter) MountUnion(dir string, lowers []string) error {
 	plan, err := overlay.Plan(overlay.Spec{Lowers: lowers})
 	if err != nil {
 		return err
 	}
+	plan.NoSuid = true
 	return plan.Do(dir)
 }
 

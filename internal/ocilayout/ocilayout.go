@@ -30,6 +30,8 @@ type Entry struct {
 	Linkname string
 	ModTime  time.Time
 	Xattrs   map[string]string
+	// Devmajor and Devminor: a device node's number.
+	Devmajor, Devminor int64
 }
 
 // Tar returns the uncompressed tar stream of entries, in order.
@@ -52,7 +54,8 @@ func Tar(entries []Entry) ([]byte, error) {
 		if mt.IsZero() {
 			mt = time.Unix(1700000000, 0)
 		}
-		h := &tar.Header{Name: e.Name, Typeflag: typ, Mode: mode, Uid: e.UID, Gid: e.GID, Linkname: e.Linkname, ModTime: mt, Format: tar.FormatPAX}
+		h := &tar.Header{Name: e.Name, Typeflag: typ, Mode: mode, Uid: e.UID, Gid: e.GID, Linkname: e.Linkname, ModTime: mt, Format: tar.FormatPAX,
+			Devmajor: e.Devmajor, Devminor: e.Devminor}
 		if typ == tar.TypeReg {
 			h.Size = int64(len(e.Content))
 		}

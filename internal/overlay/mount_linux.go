@@ -16,7 +16,11 @@ func (m Mount) Do(target string) error {
 		if err := unix.Mount(m.Source, target, "", unix.MS_BIND, ""); err != nil {
 			return fmt.Errorf("bind %s on %s: %w", m.Source, target, err)
 		}
-		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY)
+		if m.NoSuid {
+			flags |= unix.MS_NOSUID | unix.MS_NODEV
+		}
+		if err := unix.Mount("", target, "", flags, ""); err != nil {
 			unix.Unmount(target, unix.MNT_DETACH)
 			return fmt.Errorf("read-only remount of %s: %w", target, err)
 		}
@@ -33,6 +37,9 @@ func (m Mount) Do(target string) error {
 	var flags uintptr
 	if m.ReadOnly {
 		flags |= unix.MS_RDONLY
+	}
+	if m.NoSuid {
+		flags |= unix.MS_NOSUID | unix.MS_NODEV
 	}
 	if err2 := unix.Mount("overlay", target, "overlay", flags, data); err2 != nil {
 		return fmt.Errorf("overlay on %s: %w (fsconfig: %v)", target, err2, err)
@@ -73,6 +80,9 @@ func (m Mount) fsconfig(target string) error {
 	var attr int
 	if m.ReadOnly {
 		attr |= unix.MOUNT_ATTR_RDONLY
+	}
+	if m.NoSuid {
+		attr |= unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV
 	}
 	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, attr)
 	if err != nil {

@@ -30,6 +30,10 @@ type Mount struct {
 	// Options are the remaining key[=value] options, in order.
 	Options  []string
 	ReadOnly bool
+	// NoSuid mounts with nosuid and nodev: setuid bits and device nodes
+	// of the layers have no effect (for views of images, not containers'
+	// root filesystems).
+	NoSuid bool
 }
 
 // ErrInvalid reports an impossible spec.
