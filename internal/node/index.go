@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 
@@ -111,17 +110,18 @@ func (m *Manager) getIndex(ctx context.Context, repo remote.Repository, l ocispe
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer mount %s: %w", l.Digest, err)
 	}
-	rc, err := m.client.FetchBlob(ctx, repo, md.Index)
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
+	// The size the registry names is checked before anything is read, and
+	// the read stops there: an index is held in memory whole.
+	raw, err = m.client.Blob(ctx, repo, md.Index, remote.MaxIndexBytes)
+	if errors.Is(err, remote.ErrUnsupported) || errors.Is(err, remote.ErrDigestMismatch) {
+		// Too large, or not the bytes named: the layer is pulled whole.
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w: %w", l.Digest, errNotBound, err)
 	}
-	raw, err = io.ReadAll(rc)
-	rc.Close()
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
 	}
 	if ix, err = layerindex.Decode(raw); err != nil {
-		return nil, nil, nil, fmt.Errorf("layer %s index: %w", l.Digest, err)
+		return nil, nil, nil, fmt.Errorf("layer %s index: %w: %w", l.Digest, errNotBound, err)
 	}
 	return md, raw, ix, nil
 }

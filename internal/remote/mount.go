@@ -13,6 +13,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/layerindex"
 )
 
 const maxInfoSize = 1 << 20
@@ -141,7 +142,7 @@ func (c *Client) whileExpanding(ctx context.Context, repo Repository, layer dige
 // compressed one may also not expand more than maxIndexRatio times (an
 // index compresses about 1.4 times).
 const (
-	MaxIndexBytes = 128 << 20
+	MaxIndexBytes = layerindex.MaxIndexSize
 	maxIndexRatio = 16
 )
 
