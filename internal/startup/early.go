@@ -109,6 +109,16 @@ func (s *Profiles) fetchEarly(repo remote.Repository, p *api.Profile, layers []o
 			kept = append(kept, piece)
 		}
 		eb.pieces = kept
+		var size int64
+		for _, piece := range kept {
+			size += piece.Len
+		}
+		if !s.reserve(size) {
+			// Over the memory budget: this layer reads on demand.
+			items = slices.DeleteFunc(items, func(it earlyItem) bool { return it.blob == pl.Data })
+			s.log.Info("early fetch skipped: over the memory budget", "layer", pl.Layer, "bytes", size, "held", s.held.Load(), "max", s.opts.EarlyMax)
+			continue
+		}
 		items = slices.DeleteFunc(items, func(it earlyItem) bool { return drop[it.p] })
 		s.early[pl.Data] = eb
 		time.AfterFunc(earlyKeep, func() {
@@ -117,6 +127,7 @@ func (s *Profiles) fetchEarly(repo remote.Repository, p *api.Profile, layers []o
 				delete(s.early, pl.Data)
 			}
 			s.mu.Unlock()
+			s.held.Add(-size)
 		})
 	}
 	s.mu.Unlock()

@@ -3,13 +3,18 @@ package startup
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/strata-oci/strata/api"
 	"github.com/strata-oci/strata/internal/frames"
+	"github.com/strata-oci/strata/internal/remote"
 )
 
 func TestEarlyBlobRead(t *testing.T) {
@@ -79,5 +84,27 @@ func TestRankProfile(t *testing.T) {
 	}
 	if !slices.Equal(p.Layers[0].PageRanks, []int{1, 2}) || !slices.Equal(p.Layers[1].PageRanks, []int{0}) {
 		t.Errorf("page ranks %v %v, want [1 2] [0]", p.Layers[0].PageRanks, p.Layers[1].PageRanks)
+	}
+}
+
+// TestEarlyMemoryBounded: early fetches of many starts at once hold at
+// most Options.EarlyMax bytes; a profile past it is not fetched early
+// (its layers read on demand). Before, every profile's frames were held
+// for a minute, with no total bound.
+func TestEarlyMemoryBounded(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	defer srv.Close()
+	s := New(Options{Client: remote.New(remote.Options{Hosts: remote.PlainHosts(remote.IsLoopback)}), EarlyMax: 3 << 20})
+	repo := remote.Repository{Registry: srv.Listener.Addr().String(), Name: "app"}
+	for i := range 5 {
+		layer, data := digest.FromString(fmt.Sprint("layer", i)), digest.FromString(fmt.Sprint("data", i))
+		p := &api.Profile{Layers: []api.ProfileLayer{{Layer: layer, Data: data, Frames: []int{0, 1}, Ranges: [][2]int64{{0, 512 << 10}, {512 << 10, 512 << 10}}}}}
+		s.fetchEarly(repo, p, []ocispec.Descriptor{{Digest: layer}}, nil)
+	}
+	s.mu.Lock()
+	n := len(s.early)
+	s.mu.Unlock()
+	if n != 3 || s.EarlyHeld() != 3<<20 {
+		t.Errorf("%d early blobs holding %d bytes, want 3 of 1 MiB within the 3 MiB budget", n, s.EarlyHeld())
 	}
 }

@@ -243,9 +243,19 @@ func (s *Profiles) StartPack(repo remote.Repository, p *api.Profile, layers []oc
 	if len(byData) == 0 {
 		return false
 	}
+	// The chunks are held as fetched, and their pages once decompressed.
+	size := k.Size
+	for _, c := range k.Chunks {
+		size += c.USize
+	}
+	if !s.reserve(size) {
+		s.log.Info("start-up pack not used: over the memory budget", "pack", k.Digest, "bytes", size, "held", s.held.Load(), "max", s.opts.EarlyMax)
+		return false
+	}
 	s.packsMu.Lock()
 	if s.packing[key] {
 		s.packsMu.Unlock()
+		s.held.Add(-size)
 		return true
 	}
 	s.packing[key] = true
@@ -254,6 +264,7 @@ func (s *Profiles) StartPack(repo remote.Repository, p *api.Profile, layers []oc
 	}
 	s.packsMu.Unlock()
 	time.AfterFunc(earlyKeep, func() {
+		s.held.Add(-size)
 		s.packsMu.Lock()
 		defer s.packsMu.Unlock()
 		delete(s.packing, key)

@@ -46,6 +46,11 @@ type Options struct {
 	// Window is how long after a start its reads are recorded (default
 	// 10 s; Finish ends a recording sooner).
 	Window time.Duration
+	// EarlyMax bounds the memory of early fetches and start-up packs held
+	// at once, over all starts (0: DefaultEarlyMax). A profile whose
+	// frames or pack would go past it is not fetched early: its layers
+	// read on demand.
+	EarlyMax int64
 	// Prefetch, if set, prefetches frames of a mounted layer (by layer
 	// digest and data blob, mounted from repo): the profile's frames of
 	// the layers whose pack failed.
@@ -84,7 +89,28 @@ type Profiles struct {
 
 	// packBytes counts the bytes of start-up packs fetched (PackBytes).
 	packBytes atomic.Int64
+	// held is the memory early fetches and packs hold or will (EarlyMax).
+	held atomic.Int64
 }
+
+// DefaultEarlyMax is the default of Options.EarlyMax.
+const DefaultEarlyMax = 256 << 20
+
+// reserve takes n bytes of the early-fetch memory budget, if they fit.
+func (s *Profiles) reserve(n int64) bool {
+	for {
+		h := s.held.Load()
+		if h+n > s.opts.EarlyMax {
+			return false
+		}
+		if s.held.CompareAndSwap(h, h+n) {
+			return true
+		}
+	}
+}
+
+// EarlyHeld returns the bytes of early fetches and packs held now.
+func (s *Profiles) EarlyHeld() int64 { return s.held.Load() }
 
 // PackBytes returns the bytes of start-up packs fetched from registries
 // since New (chunks the cache held are not fetched). The frames of early
@@ -99,6 +125,9 @@ func New(opts Options) *Profiles {
 	}
 	if opts.Window <= 0 {
 		opts.Window = 10 * time.Second
+	}
+	if opts.EarlyMax <= 0 {
+		opts.EarlyMax = DefaultEarlyMax
 	}
 	if opts.Client == nil {
 		opts.Client = remote.New(remote.Options{Logger: opts.Logger})
