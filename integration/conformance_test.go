@@ -62,7 +62,12 @@ func TestConformance(t *testing.T) {
 		"OCI_DATA_IMAGE=true",
 		"OCI_DATA_INDEX=true",
 		"OCI_DATA_INDEX_LIST=true",
-		"OCI_DATA_SPARSE=true",
+		// Sparse image manifests (layers never pushed) are refused with
+		// MANIFEST_BLOB_UNKNOWN, as distribution does: a manifest is
+		// stored only when its blobs are in the repository, so that
+		// garbage collection running beside pushes cannot leave a
+		// stored image broken (docs/gc.md).
+		"OCI_DATA_SPARSE=false",
 		"OCI_DATA_ARTIFACT=true",
 		"OCI_DATA_SUBJECT=true",
 		"OCI_DATA_SUBJECT_MISSING=true",
@@ -83,10 +88,11 @@ func TestConformance(t *testing.T) {
 	}
 	// Two checks are disabled: anonymous blob mounts (a mount without
 	// from), sha256 and sha512, which strata answers with an upload
-	// session on purpose.
+	// session on purpose. (The sparse data set, above, is not counted.)
 	for _, want := range []string{`FAIL\.+:\s+0$`, `Skip\.+:\s+0$`, `Disabled\.+:\s+2$`} {
 		if !regexp.MustCompile(`(?m)` + want).MatchString(string(out)) {
-			t.Errorf("summary does not match %q:\n%s", want, summary)
+			counts := regexp.MustCompile(`(?m)^\s*\w+\.+:\s+\d+$`).FindAllString(string(out), -1)
+			t.Errorf("summary does not match %q: %q", want, counts)
 		}
 	}
 	m := regexp.MustCompile(`(?m)Pass\.+:\s+(\d+)$`).FindStringSubmatch(string(out))

@@ -130,8 +130,9 @@ func TestPullReferrers(t *testing.T) {
 		noAPI bool
 		// lie changes the expansions before they are published; lied
 		// names the layers that must be pulled whole.
-		lie  func(t *testing.T, base string, exps []api.LayerExpansion)
-		lied []int
+		lie   func(t *testing.T, base string, exps []api.LayerExpansion)
+		after func(t *testing.T, base string, exps []api.LayerExpansion)
+		lied  []int
 	}{
 		{name: "referrers API"},
 		{name: "referrers tag", noAPI: true},
@@ -144,7 +145,14 @@ func TestPullReferrers(t *testing.T) {
 			exps[2].Data = pushBlob(t, base, "app", b[:len(b)/2])
 		}, lied: []int{2}},
 		{name: "missing data blob", lie: func(t *testing.T, base string, exps []api.LayerExpansion) {
-			exps[1].Data.Digest = digest.FromString("not pushed")
+			// Pushed for the artifact (a registry refuses a manifest
+			// naming missing blobs), removed after it.
+			exps[1].Data = pushBlob(t, base, "app", []byte("removed after the artifact"))
+		}, after: func(t *testing.T, base string, exps []api.LayerExpansion) {
+			req, _ := http.NewRequest("DELETE", base+"/v2/app/blobs/"+exps[1].Data.Digest.String(), nil)
+			if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusAccepted {
+				t.Fatalf("delete blob: %v %v", resp, err)
+			}
 		}, lied: []int{1}},
 		{name: "corrupt index", lie: func(t *testing.T, base string, exps []api.LayerExpansion) {
 			exps[1].Index = pushBlob(t, base, "app", []byte("STRATAIX not an index"))
@@ -163,6 +171,9 @@ func TestPullReferrers(t *testing.T) {
 				tc.lie(t, base, exps)
 			}
 			pushArtifact(t, base, "app", subject, exps, tc.noAPI)
+			if tc.after != nil {
+				tc.after(t, base, exps)
+			}
 
 			f := newFakeMounter()
 			m := openNode(t, t.TempDir(), f, node.Options{})

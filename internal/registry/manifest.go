@@ -1,6 +1,7 @@
 package registry
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -124,6 +125,24 @@ func checkDescriptors(ds []ocispec.Descriptor) error {
 		if d.Data != nil && d.Digest.Algorithm().Available() && d.Digest.Algorithm().FromBytes(d.Data) != d.Digest {
 			return fmt.Errorf("descriptor %s: data field does not match the digest", d.Digest)
 		}
+	}
+	return nil
+}
+
+// checkReferences makes sure that the blobs a pushed manifest names are in
+// repo (not an index's manifests: sparse indexes are allowed, nor its
+// subject, which may come later, nor foreign layers): a manifest naming missing content is
+// refused with MANIFEST_BLOB_UNKNOWN, as distribution does, rather than
+// stored broken (a blob that garbage collection removed between a
+// client's HEAD and its manifest, for one). The blobs named are made
+// young for garbage collection.
+func (reg *Registry) checkReferences(repo string, body []byte) error {
+	refs := store.ParseReferences(body)
+	for _, d := range refs.Blobs {
+		if _, err := reg.store.StatBlob(context.Background(), repo, d); err != nil {
+			return newErr(http.StatusBadRequest, codeManifestBlobUnknown, fmt.Sprintf("blob %s is not in repository %s", d, repo))
+		}
+		reg.store.Touch(repo, d)
 	}
 	return nil
 }

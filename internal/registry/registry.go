@@ -423,6 +423,9 @@ func (reg *Registry) putManifest(w http.ResponseWriter, r *http.Request, repo, r
 		paramTags = append(paramTags, t)
 	}
 	tags = append(tags, paramTags...)
+	if err := reg.checkReferences(repo, body); err != nil {
+		return err
+	}
 	m := store.Manifest{Digest: d, MediaType: mt, Content: body, Subject: meta.Subject}
 	if err := reg.store.PutManifest(r.Context(), repo, m, meta, tags); err != nil {
 		return err
@@ -523,6 +526,11 @@ func (reg *Registry) getBlob(w http.ResponseWriter, r *http.Request, repo, ref s
 		return err
 	}
 	defer f.Close()
+	if r.Method == http.MethodHead {
+		// A pusher asking whether to upload: it may name the blob in
+		// a manifest next, so garbage collection must keep it.
+		reg.store.Touch(repo, d)
+	}
 	h := w.Header()
 	h.Set("Docker-Content-Digest", d.String())
 	h.Set("Content-Type", "application/octet-stream")

@@ -194,6 +194,7 @@ func TestPagination(t *testing.T) {
 	cfg := pushBlob(t, srv.URL, "a", []byte("{}"))
 	m := fmt.Sprintf(`{"schemaVersion":2,"mediaType":%q,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":%q,"size":2},"layers":[]}`, mtManifest, cfg)
 	for _, repo := range []string{"a", "b/c", "d"} {
+		pushBlob(t, srv.URL, repo, []byte("{}"))
 		for _, tag := range []string{"t1", "t2", "t3"} {
 			if r := do(t, "PUT", srv.URL+"/v2/"+repo+"/manifests/"+tag, map[string]string{"Content-Type": mtManifest}, []byte(m)); r.code != 201 {
 				t.Fatalf("put %s:%s: %d %s", repo, tag, r.code, r.body)

@@ -84,9 +84,16 @@ func TestHostsDirMirrors(t *testing.T) {
 	img := buildImage(t, ocispec.Platform{OS: "linux", Architecture: "amd64"}, false)
 	img.push(t, up.URL, "lib/app", "v1")
 	// The mirror has the manifest and the config, and one of two layers.
+	// (The second layer is pushed for the manifest, which a registry
+	// refuses without its blobs, and deleted after it.)
 	pushBlob(t, mirror.URL, "lib/app", img.manifest.Layers[0].MediaType, img.layers[0])
+	pushBlob(t, mirror.URL, "lib/app", img.manifest.Layers[1].MediaType, img.layers[1])
 	pushBlob(t, mirror.URL, "lib/app", img.manifest.Config.MediaType, img.rawCfg)
 	pushManifest(t, mirror.URL, "lib/app", img.desc.Digest.String(), img.manifest.MediaType, img.raw)
+	req, _ := http.NewRequest("DELETE", mirror.URL+"/v2/lib/app/blobs/"+img.manifest.Layers[1].Digest.String(), nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("delete the mirror's second layer: %v %v", resp, err)
+	}
 
 	dir := t.TempDir()
 	upHost := hostOf(up)
@@ -129,7 +136,7 @@ func TestHostsDirMirrors(t *testing.T) {
 		t.Errorf("layer 1 (not on the mirror): mirror asked %d times, server %d; want ≥1, 1", mirRec.count(blob(1)), upRec.count(blob(1)))
 	}
 	for _, r := range mirRec.all() {
-		if r.Method == http.MethodPut || r.Method == http.MethodPost || r.Method == http.MethodPatch {
+		if r.Method == http.MethodPut || r.Method == http.MethodPost || r.Method == http.MethodPatch || r.Method == http.MethodDelete {
 			continue // the test's own pushes
 		}
 		if ns := r.URL.Query().Get("ns"); ns != upHost {

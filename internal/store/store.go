@@ -235,9 +235,15 @@ func (s *Store) MountBlob(ctx context.Context, repo, from string, d digest.Diges
 func (s *Store) link(repo string, d digest.Digest) error {
 	p := s.layerLink(repo, d)
 	if _, err := os.Stat(p); err == nil {
+		s.Touch(repo, d) // needed again: young for garbage collection
 		return nil
 	}
-	return s.writeFileAtomic(p, []byte(d.String()))
+	if err := s.writeFileAtomic(p, []byte(d.String())); err != nil {
+		return err
+	}
+	now := time.Now()
+	os.Chtimes(s.blobPath(d), now, now)
+	return nil
 }
 
 // PutBlob stores the content read from r as blob d of repo, verifying the

@@ -1,0 +1,301 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// What garbage collection (package gc) needs of the store. A collector
+// runs beside the processes serving the store, so it relies on times:
+// every write that makes a blob or link needed again (a push of a blob
+// that exists, a mount, a HEAD of a blob, a manifest naming a blob) makes
+// the blob and the link young, and the Remove* methods remove only what
+// is older than the cutoff they are given, checked again just before.
+
+// OpenShared opens the existing store at root for a process working beside
+// the one that serves it: unlike Open it creates nothing and removes none
+// of the temporary files (they may be in use).
+func OpenShared(root string) (*Store, error) {
+	for _, d := range []string{"blobs", "repositories", "tmp", "uploads"} {
+		if fi, err := os.Stat(filepath.Join(root, d)); err != nil || !fi.IsDir() {
+			return nil, fmt.Errorf("%s is not a registry root (no %s/)", root, d)
+		}
+	}
+	return &Store{root: root, uploads: map[string]*upload{}}, nil
+}
+
+// An Entry is a blob, link or revision with its modification time.
+type Entry struct {
+	Digest  digest.Digest
+	Size    int64
+	ModTime time.Time
+}
+
+// digestEntries lists files <dir>/<alg>/<hex> as entries.
+func digestEntries(dir string, nested bool) ([]Entry, error) {
+	var out []Entry
+	algs, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range algs {
+		base := filepath.Join(dir, a.Name())
+		var files []string
+		if nested { // blobs/<alg>/<hex[:2]>/<hex>
+			shards, _ := os.ReadDir(base)
+			for _, sh := range shards {
+				ents, _ := os.ReadDir(filepath.Join(base, sh.Name()))
+				for _, e := range ents {
+					files = append(files, filepath.Join(sh.Name(), e.Name()))
+				}
+			}
+		} else {
+			ents, _ := os.ReadDir(base)
+			for _, e := range ents {
+				files = append(files, e.Name())
+			}
+		}
+		for _, f := range files {
+			d := digest.Digest(a.Name() + ":" + filepath.Base(f))
+			if d.Validate() != nil {
+				continue
+			}
+			fi, err := os.Lstat(filepath.Join(base, f))
+			if err != nil || !fi.Mode().IsRegular() {
+				continue
+			}
+			out = append(out, Entry{Digest: d, Size: fi.Size(), ModTime: fi.ModTime()})
+		}
+	}
+	return out, nil
+}
+
+// Blobs lists every blob of the store.
+func (s *Store) Blobs(ctx context.Context) ([]Entry, error) {
+	return digestEntries(filepath.Join(s.root, "blobs"), true)
+}
+
+// Links lists the blobs linked into repo.
+func (s *Store) Links(ctx context.Context, repo string) ([]Entry, error) {
+	return digestEntries(s.repoPath(repo, "_layers"), false)
+}
+
+// Revisions lists the manifests of repo.
+func (s *Store) Revisions(ctx context.Context, repo string) ([]Entry, error) {
+	return digestEntries(s.repoPath(repo, "_manifests", "revisions"), false)
+}
+
+// References is what a manifest's content names: blobs (config, layers,
+// and the blobs of an artifact) and manifests (an index's children), and
+// its subject.
+type References struct {
+	Blobs     []digest.Digest
+	Manifests []digest.Digest
+	Subject   digest.Digest
+	// Foreign are layers with URLs (non-distributable): not expected in
+	// the registry.
+	Foreign []digest.Digest
+}
+
+// ParseReferences returns what manifest content names. Content that is
+// not a manifest names nothing.
+func ParseReferences(content []byte) References {
+	var doc struct {
+		Config    *ocispec.Descriptor  `json:"config"`
+		Layers    []ocispec.Descriptor `json:"layers"`
+		Blobs     []ocispec.Descriptor `json:"blobs"` // artifact manifests of OCI 1.1 drafts
+		Manifests []ocispec.Descriptor `json:"manifests"`
+		Subject   *ocispec.Descriptor  `json:"subject"`
+	}
+	var r References
+	if json.Unmarshal(content, &doc) != nil {
+		return r
+	}
+	if doc.Config != nil && doc.Config.Digest.Validate() == nil {
+		r.Blobs = append(r.Blobs, doc.Config.Digest)
+	}
+	for _, l := range append(doc.Layers, doc.Blobs...) {
+		switch {
+		case l.Digest.Validate() != nil:
+		case len(l.URLs) > 0:
+			r.Foreign = append(r.Foreign, l.Digest)
+		default:
+			r.Blobs = append(r.Blobs, l.Digest)
+		}
+	}
+	for _, m := range doc.Manifests {
+		if m.Digest.Validate() == nil {
+			r.Manifests = append(r.Manifests, m.Digest)
+		}
+	}
+	if doc.Subject != nil && doc.Subject.Digest.Validate() == nil {
+		r.Subject = doc.Subject.Digest
+	}
+	return r
+}
+
+// Touch makes blob d and its link in repo young (see package gc): a client
+// was just told that repo has it, and may name it in a manifest next.
+func (s *Store) Touch(repo string, d digest.Digest) {
+	if validDigest(d) != nil {
+		return
+	}
+	now := time.Now()
+	os.Chtimes(s.layerLink(repo, d), now, now)
+	os.Chtimes(s.blobPath(d), now, now)
+}
+
+// HasManifest reports whether manifest d is in repo.
+func (s *Store) HasManifest(repo string, d digest.Digest) bool {
+	if validDigest(d) != nil {
+		return false
+	}
+	_, err := os.Stat(s.revisionLink(repo, d))
+	return err == nil
+}
+
+// older reports whether the file at p exists and was last modified before
+// cutoff.
+func older(p string, cutoff time.Time) bool {
+	fi, err := os.Lstat(p)
+	return err == nil && fi.ModTime().Before(cutoff)
+}
+
+// RemoveLink removes blob d's link from repo if it is older than cutoff.
+func (s *Store) RemoveLink(repo string, d digest.Digest, cutoff time.Time) (bool, error) {
+	p := s.layerLink(repo, d)
+	if validDigest(d) != nil || !older(p, cutoff) {
+		return false, nil
+	}
+	if err := os.Remove(p); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// RemoveRevision removes manifest d from repo (its tags and referrers entry
+// too, as DeleteManifest does) if its record is older than cutoff.
+func (s *Store) RemoveRevision(ctx context.Context, repo string, d digest.Digest, cutoff time.Time) (bool, error) {
+	if validDigest(d) != nil || !older(s.revisionLink(repo, d), cutoff) {
+		return false, nil
+	}
+	if err := s.DeleteManifest(ctx, repo, d); err != nil {
+		if errors.Is(err, ErrManifestUnknown) {
+			// The revision record is there but the content is not (a
+			// crash between the two): the record alone goes.
+			return os.Remove(s.revisionLink(repo, d)) == nil, nil
+		}
+		return false, err
+	}
+	return true, nil
+}
+
+// RemoveBlob removes blob d from the store if it is older than cutoff and
+// reports the bytes freed. The blob is first moved out of sight, then its
+// time checked again: a writer that made it young meanwhile (it was pushed
+// or mounted again) keeps it.
+func (s *Store) RemoveBlob(d digest.Digest, cutoff time.Time) (int64, error) {
+	p := s.blobPath(d)
+	if validDigest(d) != nil || !older(p, cutoff) {
+		return 0, nil
+	}
+	tmp := filepath.Join(s.root, "tmp", "gc-"+d.Encoded())
+	if err := os.Rename(p, tmp); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	fi, err := os.Lstat(tmp)
+	if err != nil {
+		return 0, err
+	}
+	if !fi.ModTime().Before(cutoff) {
+		// Made young between the check and the move: put it back
+		// (unless a writer stored it again meanwhile, which is the same).
+		if err := os.Rename(tmp, p); err != nil && !errors.Is(err, fs.ErrExist) {
+			return 0, err
+		}
+		return 0, nil
+	}
+	if err := os.Remove(tmp); err != nil {
+		return 0, err
+	}
+	// Shard directories stay: one is shared by 1/256 of all blobs.
+	return fi.Size(), nil
+}
+
+// RemoveTemp removes temporary files of tmp/ older than cutoff (those of
+// processes that died; the ones in use are written to) and reports how
+// many and their bytes.
+func (s *Store) RemoveTemp(cutoff time.Time) (n int, bytes int64, err error) {
+	dir := filepath.Join(s.root, "tmp")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		fi, err := os.Lstat(p)
+		if err != nil || !fi.ModTime().Before(cutoff) {
+			continue
+		}
+		if os.RemoveAll(p) == nil {
+			n++
+			bytes += fi.Size()
+		}
+	}
+	return n, bytes, nil
+}
+
+// RemoveEmptyRepositories removes the records of repositories that hold
+// nothing any more (no manifest, link, tag or referrer), so that the
+// catalog no longer lists them, and reports how many.
+func (s *Store) RemoveEmptyRepositories(ctx context.Context) int {
+	repos, err := s.Repositories(ctx)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, repo := range repos {
+		empty := true
+		for _, sub := range []string{"_layers", "_manifests", "_referrers"} {
+			filepath.WalkDir(s.repoPath(repo, sub), func(p string, de fs.DirEntry, err error) error {
+				if err == nil && !de.IsDir() {
+					empty = false
+					return fs.SkipAll
+				}
+				return nil
+			})
+		}
+		if !empty {
+			continue
+		}
+		for _, sub := range []string{"_layers", "_manifests", "_referrers"} {
+			os.RemoveAll(s.repoPath(repo, sub))
+		}
+		// The directory goes too, and its parents, unless they hold
+		// other repositories.
+		base := filepath.Join(s.root, "repositories")
+		for p := s.repoPath(repo); p != base && strings.HasPrefix(p, base); p = filepath.Dir(p) {
+			if os.Remove(p) != nil {
+				break
+			}
+		}
+		n++
+	}
+	return n
+}
