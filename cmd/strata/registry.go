@@ -109,7 +109,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().StringVar(&upPassFile, "upstream-password-file", "", "with --upstream: a file holding the account's password or token")
 	serve.Flags().DurationVar(&upTTL, "upstream-ttl", 10*time.Minute, "with --upstream: how long a tag is served before it is checked against the upstream again")
 	addConfigFlag(serve, &config)
-	cmd.AddCommand(serve)
+	cmd.AddCommand(serve, newRegistryGCCmd(g))
 	return cmd
 }
 

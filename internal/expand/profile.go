@@ -3,8 +3,6 @@ package expand
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -33,8 +31,7 @@ var ErrBadProfile = errors.New("invalid start-up profile")
 const maxProfileFrames = 1 << 20
 
 func (s *Service) profilePath(repo string, m digest.Digest) string {
-	h := sha256.Sum256([]byte(repo))
-	return filepath.Join(s.dir, "profiles", hex.EncodeToString(h[:16]), recordName(m))
+	return filepath.Join(s.dir, "profiles", ProfileKey(repo), recordName(m))
 }
 
 // Profile returns the stored start-up profile of manifest m in repo, as

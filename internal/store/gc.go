@@ -83,6 +83,31 @@ func digestEntries(dir string, nested bool) ([]Entry, error) {
 	return out, nil
 }
 
+// StoredRepositories lists every repository with anything in it: those
+// with manifests (Repositories) and those with only blobs (a push that has
+// not reached its manifest, or one that never will).
+func (s *Store) StoredRepositories(ctx context.Context) ([]string, error) {
+	base := filepath.Join(s.root, "repositories")
+	var repos []string
+	err := filepath.WalkDir(base, func(p string, de fs.DirEntry, err error) error {
+		if err != nil || !de.IsDir() || p == base {
+			return nil
+		}
+		if strings.HasPrefix(de.Name(), "_") {
+			return fs.SkipDir
+		}
+		for _, sub := range []string{"_manifests", "_layers"} {
+			if _, err := os.Stat(filepath.Join(p, sub)); err == nil {
+				rel, _ := filepath.Rel(base, p)
+				repos = append(repos, filepath.ToSlash(rel))
+				break
+			}
+		}
+		return nil
+	})
+	return repos, err
+}
+
 // Blobs lists every blob of the store.
 func (s *Store) Blobs(ctx context.Context) ([]Entry, error) {
 	return digestEntries(filepath.Join(s.root, "blobs"), true)
@@ -265,7 +290,7 @@ func (s *Store) RemoveTemp(cutoff time.Time) (n int, bytes int64, err error) {
 // nothing any more (no manifest, link, tag or referrer), so that the
 // catalog no longer lists them, and reports how many.
 func (s *Store) RemoveEmptyRepositories(ctx context.Context) int {
-	repos, err := s.Repositories(ctx)
+	repos, err := s.StoredRepositories(ctx)
 	if err != nil {
 		return 0
 	}

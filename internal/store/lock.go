@@ -20,10 +20,20 @@ var ErrRootInUse = errors.New("registry root in use")
 // unlock, or when the process exits. A root locked by another process is
 // ErrRootInUse, naming its pid.
 func LockRoot(root string) (unlock func(), err error) {
+	return lockFile(root, "lock", "served")
+}
+
+// LockGC takes the lock one garbage collection of root holds (beside the
+// processes serving it): a second one is ErrRootInUse.
+func LockGC(root string) (unlock func(), err error) {
+	return lockFile(root, "gc.lock", "being collected")
+}
+
+func lockFile(root, name, doing string) (unlock func(), err error) {
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return nil, fmt.Errorf("lock %s: %w", root, err)
 	}
-	path := filepath.Join(root, "lock")
+	path := filepath.Join(root, name)
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", root, err)
@@ -37,7 +47,7 @@ func LockRoot(root string) (unlock func(), err error) {
 					holder = fmt.Sprintf("process %d", pid)
 				}
 			}
-			return nil, fmt.Errorf("%w: %s is served by %s", ErrRootInUse, root, holder)
+			return nil, fmt.Errorf("%w: %s is %s by %s", ErrRootInUse, root, doing, holder)
 		}
 		return nil, fmt.Errorf("lock %s: %w", root, err)
 	}

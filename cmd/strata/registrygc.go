@@ -1,0 +1,56 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/strata-oci/strata/internal/expand"
+	"github.com/strata-oci/strata/internal/gc"
+	"github.com/strata-oci/strata/internal/store"
+)
+
+// newRegistryGCCmd is `strata registry gc`: one garbage collection of a
+// registry root, beside the registry serving it (docs/gc.md).
+func newRegistryGCCmd(g *globalFlags) *cobra.Command {
+	var root string
+	var opts gc.Options
+	cmd := &cobra.Command{
+		Use:   "gc",
+		Short: "Remove what no image of a registry uses any more (safe while it serves)",
+		Long: `Remove what no image of the registry at --root uses any more: blobs,
+manifests whose subject is gone, expansions of layers no repository holds,
+start-up profiles and packs of deleted images, stale upload sessions and
+temporary files. The registry may keep serving (pushes included): nothing
+younger than --grace is removed. Prints what was freed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log := g.logger()
+			unlock, err := store.LockGC(root)
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			st, err := store.OpenShared(root)
+			if err != nil {
+				return err
+			}
+			ex, err := expand.New(st, expand.Options{Logger: log})
+			if err != nil {
+				return err
+			}
+			opts.Logger = log
+			rep, err := gc.Collect(cmd.Context(), st, ex, opts)
+			if rep != nil {
+				fmt.Fprintln(cmd.OutOrStdout(), rep)
+			}
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
+	cmd.Flags().BoolVar(&opts.DryRun, "dry-run", false, "report what would be removed, remove nothing")
+	cmd.Flags().DurationVar(&opts.Grace, "grace", gc.DefaultGrace, "never remove anything modified more recently than this (pushes in progress)")
+	cmd.Flags().DurationVar(&opts.UploadMaxAge, "upload-max-age", gc.DefaultUploadMaxAge, "remove upload sessions not written to for this long")
+	cmd.Flags().BoolVar(&opts.DeleteUntagged, "delete-untagged", false, "also remove manifests no tag reaches (images pushed by digest only)")
+	return cmd
+}
