@@ -59,6 +59,9 @@ func configSection(cmd *cobra.Command) (section string, owner []string, ok bool)
 	if cmd.GroupID == "node" {
 		return "node", configSections["node"], true
 	}
+	if slices.Equal(path, []string{"registry", "gc"}) {
+		return "registry", configSections["registry"], true // its root
+	}
 	return "", nil, false
 }
 

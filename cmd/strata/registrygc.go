@@ -13,7 +13,7 @@ import (
 // newRegistryGCCmd is `strata registry gc`: one garbage collection of a
 // registry root, beside the registry serving it (docs/gc.md).
 func newRegistryGCCmd(g *globalFlags) *cobra.Command {
-	var root string
+	var root, config string
 	var opts gc.Options
 	cmd := &cobra.Command{
 		Use:   "gc",
@@ -26,15 +26,15 @@ younger than --grace is removed. Prints what was freed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := g.logger()
+			st, err := store.OpenShared(root)
+			if err != nil {
+				return err
+			}
 			unlock, err := store.LockGC(root)
 			if err != nil {
 				return err
 			}
 			defer unlock()
-			st, err := store.OpenShared(root)
-			if err != nil {
-				return err
-			}
 			ex, err := expand.New(st, expand.Options{Logger: log})
 			if err != nil {
 				return err
@@ -51,6 +51,7 @@ younger than --grace is removed. Prints what was freed.`,
 	cmd.Flags().BoolVar(&opts.DryRun, "dry-run", false, "report what would be removed, remove nothing")
 	cmd.Flags().DurationVar(&opts.Grace, "grace", gc.DefaultGrace, "never remove anything modified more recently than this (pushes in progress)")
 	cmd.Flags().DurationVar(&opts.UploadMaxAge, "upload-max-age", gc.DefaultUploadMaxAge, "remove upload sessions not written to for this long")
+	addConfigFlag(cmd, &config) // the registry's: its root
 	cmd.Flags().BoolVar(&opts.DeleteUntagged, "delete-untagged", false, "also remove manifests no tag reaches (images pushed by digest only)")
 	return cmd
 }
