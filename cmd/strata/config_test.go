@@ -339,7 +339,7 @@ func checkExample(t *testing.T, file, section string) {
 // example config.
 func TestContribUnits(t *testing.T) {
 	units, err := filepath.Glob("../../contrib/systemd/*.service")
-	if err != nil || len(units) != 3 {
+	if err != nil || len(units) != 4 {
 		t.Fatalf("contrib/systemd: %v %v", units, err)
 	}
 	exe, err := os.Executable()

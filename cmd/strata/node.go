@@ -216,6 +216,9 @@ func newDFCmd(g *globalFlags) *cobra.Command {
 			}
 			tw.Flush()
 			fmt.Printf("cache: %s in %d items (limit %s)\n", human(r.CacheBytes), r.CacheItems, human(r.CacheLimit))
+			if r.UnpackedBytes > 0 {
+				fmt.Printf("unpacked layers: %s (count against the same limit: the cache holds that much less)\n", human(r.UnpackedBytes))
+			}
 			if bg := r.Background; bg != nil && (bg.Pending > 0 || bg.Files > 0 || bg.Failed > 0) {
 				fmt.Printf("background: %d files completed into the cache (%s, %s fetched), %d pending, %d failed\n",
 					bg.Files, human(bg.Bytes), human(bg.Fetched), bg.Pending, bg.Failed)
@@ -260,13 +263,39 @@ func newRmiCmd(g *globalFlags) *cobra.Command {
 				return err
 			}
 			for _, ref := range args {
-				if err := c.RemoveImage(cmd.Context(), ref); err != nil {
+				r, err := c.RemoveImage(cmd.Context(), ref)
+				if err != nil {
 					return err
 				}
+				fmt.Printf("%s removed: %s\n", ref, freed(r))
 			}
 			return nil
 		},
 	}
+}
+
+func newGCCmd(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "gc",
+		Short: "Remove the layers and cache items no image or container uses",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.dial(cmd)
+			if err != nil {
+				return err
+			}
+			r, err := c.GC(cmd.Context())
+			if err != nil {
+				return err
+			}
+			fmt.Println(freed(r))
+			return nil
+		},
+	}
+}
+
+func freed(r *node.GCReport) string {
+	return fmt.Sprintf("freed %d layers (%s on disk), %d cache items (%s)", r.Layers, human(r.LayerBytes), r.CacheItems, human(r.CacheBytes))
 }
 
 func short(d string) string {

@@ -125,7 +125,7 @@ command's name; the registry's commands take their own. See
 	cmd.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	cmd.AddGroup(&cobra.Group{ID: "node", Title: "Node commands:"}, &cobra.Group{ID: "registry", Title: "Registry commands:"})
 	for _, c := range []*cobra.Command{newRunCmd(g), newPullCmd(g), newMountCmd(g), newUmountCmd(g), newPsCmd(g), newLogsCmd(g),
-		newStopCmd(g), newRmCmd(g), newImagesCmd(g), newRmiCmd(g), newDFCmd(g), newSnapshotterCmd(g), newDaemonCmd(g)} {
+		newStopCmd(g), newRmCmd(g), newImagesCmd(g), newRmiCmd(g), newGCCmd(g), newDFCmd(g), newSnapshotterCmd(g), newDaemonCmd(g)} {
 		g.addNodeFlags(c)
 		c.GroupID = "node"
 		cmd.AddCommand(c)

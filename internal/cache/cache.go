@@ -104,9 +104,11 @@ type Cache struct {
 	max int64
 	log *slog.Logger
 
-	mu    sync.Mutex
-	items map[key]*item
-	lru   *list.List // of *item; front is the most recently used
+	mu sync.Mutex
+	// reserved: bytes of the budget used outside the cache (SetReserved).
+	reserved int64
+	items    map[key]*item
+	lru      *list.List // of *item; front is the most recently used
 	// lastStamp is the modification time given to the newest item.
 	lastStamp time.Time
 	bytes     [numKinds]int64
@@ -285,6 +287,43 @@ func (c *Cache) total() int64 {
 	return t
 }
 
+// limit is the bound on the cache's bytes: its maximum less what the node
+// keeps outside it under the same budget (SetReserved), but never less
+// than a quarter of the maximum.
+func (c *Cache) limit() int64 {
+	return max(c.max-c.reserved, c.max/4)
+}
+
+// SetReserved tells the cache that n bytes of its budget are used outside
+// it (a node's unpacked layers), evicting what no longer fits.
+func (c *Cache) SetReserved(n int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reserved = max(n, 0)
+	if c.max > 0 {
+		c.makeRoom(0)
+	}
+}
+
+// Remove deletes the frame and the file of digest d unless they are in
+// use, and reports the bytes freed.
+func (c *Cache) Remove(d digest.Digest) int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n int64
+	for _, kind := range []kind{kindFrame, kindFile} {
+		k, err := keyOf(kind, d)
+		if err != nil {
+			return 0
+		}
+		if it := c.items[k]; it != nil && it.pins == 0 {
+			n += it.size
+			c.removeLocked(it)
+		}
+	}
+	return n
+}
+
 // makeRoom evicts unpinned items, least recently used first, until size
 // more bytes fit under the bound.
 func (c *Cache) makeRoom(size int64) error {
@@ -294,8 +333,9 @@ func (c *Cache) makeRoom(size int64) error {
 	if size > c.max {
 		return ErrTooLarge
 	}
+	limit := c.limit()
 	e := c.lru.Back()
-	for c.total()+size > c.max && e != nil {
+	for c.total()+size > limit && e != nil {
 		it := e.Value.(*item)
 		e = e.Prev()
 		if it.pins > 0 {
@@ -305,7 +345,7 @@ func (c *Cache) makeRoom(size int64) error {
 		c.removeLocked(it)
 		c.evictions.Add(1)
 	}
-	if c.total()+size > c.max {
+	if c.total()+size > limit {
 		return ErrFull
 	}
 	return nil

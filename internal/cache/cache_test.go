@@ -449,3 +449,36 @@ func TestConcurrent(t *testing.T) {
 		t.Errorf("%d bytes on disk, Stats says %d", onDisk, s.Bytes)
 	}
 }
+
+// TestReservedAndRemove: bytes a node keeps outside the cache under the
+// same budget (unpacked layers) shrink what the cache may hold, down to a
+// quarter of it; Remove frees an item at once.
+func TestReservedAndRemove(t *testing.T) {
+	c := open(t, t.TempDir(), 400)
+	var ds []digest.Digest
+	for i := range 4 {
+		ds = append(ds, putFrame(t, c, blob(i, 100)))
+	}
+	c.SetReserved(200)
+	if s := c.Stats(); s.Bytes != 200 {
+		t.Fatalf("with 200 of 400 bytes reserved the cache holds %d", s.Bytes)
+	}
+	c.SetReserved(1000)
+	if s := c.Stats(); s.Bytes != 100 {
+		t.Fatalf("reserved past the budget: the cache holds %d, want a quarter (100)", s.Bytes)
+	}
+	last := ds[3]
+	if n := c.Remove(last); n != 100 || hasFrame(t, c, last) {
+		t.Fatalf("Remove freed %d", n)
+	}
+	if n := c.Remove(last); n != 0 {
+		t.Fatalf("Remove of an absent item freed %d", n)
+	}
+	c.SetReserved(0)
+	for i := range 4 {
+		putFrame(t, c, blob(10+i, 100))
+	}
+	if s := c.Stats(); s.Bytes != 400 {
+		t.Fatalf("nothing reserved: the cache holds %d, want 400", s.Bytes)
+	}
+}

@@ -31,6 +31,9 @@ type DFReport struct {
 	CacheBytes int64        `json:"cacheBytes"`
 	CacheLimit int64        `json:"cacheLimit"`
 	CacheItems int          `json:"cacheItems"`
+	// UnpackedBytes is the disk of the unpacked (fallback) layers, which
+	// counts against the same budget as the cache (CacheLimit).
+	UnpackedBytes int64 `json:"unpackedBytes"`
 	// Background is what the node's background completion of files read
 	// from lazy layers did (nil when it is off).
 	Background *layerfs.CompleterStats `json:"background,omitempty"`
@@ -55,6 +58,9 @@ func (m *Manager) DF() *DFReport {
 			}
 		} else if _, err := os.Stat(filepath.Join(dir, "unpacked")); err == nil {
 			u.Mode = ModeUnpacked
+			u.Total = unpackedSize(dir)
+			u.Fetched = u.Total
+			r.UnpackedBytes += u.Total
 		} else {
 			continue
 		}

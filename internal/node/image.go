@@ -112,25 +112,36 @@ func (m *Manager) reachAsPulled(img *Image) {
 	}
 }
 
-// RemoveImage forgets a pulled image; its layers stay while leases use them.
-func (m *Manager) RemoveImage(ctx context.Context, ref string) error {
+// RemoveImage forgets a pulled image and frees what only it used: its
+// layers that no other image, lease or mount uses, and their cache items.
+func (m *Manager) RemoveImage(ctx context.Context, ref string) (*GCReport, error) {
 	r, err := remote.ParseReference(ref)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	m.mu.Lock()
 	for _, l := range m.leases {
 		if l.Ref == r.String() {
 			m.mu.Unlock()
-			return fmt.Errorf("image %s is in use by %s", ref, l.ID)
+			return nil, fmt.Errorf("image %s is in use by %s", ref, l.ID)
 		}
 	}
 	m.mu.Unlock()
 	p := imagePath(m.root, r.String())
-	if _, err := os.Stat(p); err != nil {
-		return fmt.Errorf("image %s: not pulled", ref)
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: not pulled", ref)
 	}
-	return os.Remove(p)
+	var img Image
+	json.Unmarshal(b, &img)
+	if err := os.Remove(p); err != nil {
+		return nil, err
+	}
+	layers := make([]digest.Digest, 0, len(img.Layers))
+	for _, l := range img.Layers {
+		layers = append(layers, l.Digest)
+	}
+	return m.collect(ctx, layers)
 }
 
 // pushProfile stores profile p of the image of t, from a registry without

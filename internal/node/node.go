@@ -125,6 +125,9 @@ type Manager struct {
 	// fetchedMu serializes addFetched.
 	fetchedMu sync.Mutex
 
+	// gcMu: pulls hold it shared, collections (gc.go) exclusively.
+	gcMu sync.RWMutex
+
 	mu   sync.Mutex
 	info map[string]bool // registry → offers layer mounts
 	// expansions: expansion referrers found by MountLayer, by repo@manifest
@@ -204,6 +207,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		m.complete = layerfs.NewCompleter(layerfs.CompleterOptions{Logger: log, MaxFile: maxFile, Fetched: m.addFetched})
 	}
 	m.cleanStale()
+	m.reserveUnpacked()
 	m.restore(ctx)
 	return m, nil
 }

@@ -373,7 +373,7 @@ func TestLeasesShareLayers(t *testing.T) {
 			t.Errorf("df %+v: want mounted with 2 refs", u)
 		}
 	}
-	if err := m.RemoveImage(ctx, ref); err == nil {
+	if _, err := m.RemoveImage(ctx, ref); err == nil {
 		t.Error("an image in use was removed")
 	}
 
@@ -393,7 +393,7 @@ func TestLeasesShareLayers(t *testing.T) {
 	if len(m.Leases()) != 0 {
 		t.Errorf("leases left: %v", m.Leases())
 	}
-	if err := m.RemoveImage(ctx, ref); err != nil {
+	if _, err := m.RemoveImage(ctx, ref); err != nil {
 		t.Errorf("remove image: %v", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -31,6 +32,10 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 	if m.complete != nil {
 		m.complete.Busy()
 	}
+	// A collection does not remove layers this pull saves before its
+	// image record is written.
+	m.gcMu.RLock()
+	defer m.gcMu.RUnlock()
 	p := m.newPull(ctx, r)
 	img, err := m.client.ResolveWith(ctx, r, p.ahead)
 	if err != nil {
@@ -365,5 +370,12 @@ func (m *Manager) unpackLayer(ctx context.Context, repo remote.Repository, l oci
 		os.RemoveAll(fs)
 		return fmt.Errorf("layer %s: unpacked content is %s, the image config says %s", l.Digest, st.DiffID, diffID)
 	}
-	return atomicfile.Write(filepath.Join(dir, "unpacked"), []byte(st.DiffID.String()))
+	if err := atomicfile.Write(filepath.Join(dir, "unpacked-size"), []byte(strconv.FormatInt(st.Bytes, 10))); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, "unpacked"), []byte(st.DiffID.String())); err != nil {
+		return err
+	}
+	m.reserveUnpacked() // unpacked layers count against the node's budget
+	return nil
 }

@@ -216,9 +216,16 @@ func (c *Client) Images(ctx context.Context) ([]*node.Image, error) {
 	return out, c.do(ctx, "GET", "/v1/images", nil, &out)
 }
 
-// RemoveImage forgets a pulled image.
-func (c *Client) RemoveImage(ctx context.Context, ref string) error {
-	return c.do(ctx, "DELETE", "/v1/images?ref="+url.QueryEscape(ref), nil, nil)
+// RemoveImage forgets a pulled image and frees what only it used.
+func (c *Client) RemoveImage(ctx context.Context, ref string) (*node.GCReport, error) {
+	var r node.GCReport
+	return &r, c.do(ctx, "DELETE", "/v1/images?ref="+url.QueryEscape(ref), nil, &r)
+}
+
+// GC removes the layers and cache items no image or container uses.
+func (c *Client) GC(ctx context.Context) (*node.GCReport, error) {
+	var r node.GCReport
+	return &r, c.do(ctx, "POST", "/v1/gc", nil, &r)
 }
 
 // DF reports layer and cache use.

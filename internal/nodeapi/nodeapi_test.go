@@ -124,14 +124,17 @@ func (b *fakeBackend) LeaseByUnion(dir string) (string, bool) {
 	return "", false
 }
 
-func (b *fakeBackend) Images() ([]*node.Image, error)                    { return nil, nil }
-func (b *fakeBackend) RemoveImage(ctx context.Context, ref string) error { return nil }
-func (b *fakeBackend) Downloads() []node.Download                        { return nil }
-func (b *fakeBackend) DF() *node.DFReport                                { return &node.DFReport{CacheLimit: 42} }
-func (b *fakeBackend) ReapDead(ctx context.Context)                      {}
-func (b *fakeBackend) Busy() bool                                        { return false }
-func (b *fakeBackend) Hosts() *remote.Hosts                              { return b.hosts }
-func (b *fakeBackend) Close(ctx context.Context)                         {}
+func (b *fakeBackend) Images() ([]*node.Image, error) { return nil, nil }
+func (b *fakeBackend) RemoveImage(ctx context.Context, ref string) (*node.GCReport, error) {
+	return &node.GCReport{}, nil
+}
+func (b *fakeBackend) GC(ctx context.Context) (*node.GCReport, error) { return &node.GCReport{}, nil }
+func (b *fakeBackend) Downloads() []node.Download                     { return nil }
+func (b *fakeBackend) DF() *node.DFReport                             { return &node.DFReport{CacheLimit: 42} }
+func (b *fakeBackend) ReapDead(ctx context.Context)                   {}
+func (b *fakeBackend) Busy() bool                                     { return false }
+func (b *fakeBackend) Hosts() *remote.Hosts                           { return b.hosts }
+func (b *fakeBackend) Close(ctx context.Context)                      {}
 
 // startArgs is how a client starts the test daemon.
 func startArgs(t *testing.T, idle time.Duration) []string {

@@ -27,7 +27,8 @@ type Backend interface {
 	Leases() []*node.Lease
 	LeaseByUnion(dir string) (string, bool)
 	Images() ([]*node.Image, error)
-	RemoveImage(ctx context.Context, ref string) error
+	RemoveImage(ctx context.Context, ref string) (*node.GCReport, error)
+	GC(ctx context.Context) (*node.GCReport, error)
 	Downloads() []node.Download
 	DF() *node.DFReport
 	// ReapDead ends the leases of processes that exited.
@@ -303,8 +304,9 @@ func (d *daemon) routes() http.Handler {
 	})
 	handle("GET /v1/images", func(r *http.Request) (any, error) { return b.Images() })
 	handle("DELETE /v1/images", func(r *http.Request) (any, error) {
-		return struct{}{}, b.RemoveImage(r.Context(), r.URL.Query().Get("ref"))
+		return b.RemoveImage(r.Context(), r.URL.Query().Get("ref"))
 	})
+	handle("POST /v1/gc", func(r *http.Request) (any, error) { return b.GC(r.Context()) })
 	handle("GET /v1/downloads", func(r *http.Request) (any, error) { return b.Downloads(), nil })
 	handle("GET /v1/df", func(r *http.Request) (any, error) { return b.DF(), nil })
 	return mux
