@@ -67,3 +67,34 @@ func TestRegistryGC(t *testing.T) {
 		t.Fatalf("run pause after gc: %d %q %s", code, out, errOut)
 	}
 }
+
+// TestNodeRmiFrees: after a lazy run (its layers still mounted, lingering
+// for a next start), `strata rmi` of the image unmounts and frees its
+// layers and the cache items only they named, as `strata df` shows.
+// (internal/node TestRemoveImageFrees covers unpacked layers and gc.)
+func TestNodeRmiFrees(t *testing.T) {
+	requireRun(t)
+	testenv.RequireRoot(t)
+	layout, _ := busyboxLayout(t)
+	reg := startRegistry(t)
+	ref := reg.Addr + "/gc/hello:1"
+	pushLayout(t, layout, "hello", ref)
+	root := nodeRoot(t)
+	if out, errOut, code := strataCode(t, root, "run", "--rm", "--plain-http", ref, "/bin/busybox", "md5sum", "/data/filler"); code != 0 || !strings.Contains(out, "/data/filler") {
+		t.Fatalf("run: %d %q %s", code, out, errOut)
+	}
+	before := strata(t, root, "df")
+	out := strata(t, root, "rmi", ref)
+	t.Logf("df before:\n%s\nrmi: %s", before, out)
+	if !strings.Contains(out, "freed 2 layers") {
+		t.Errorf("rmi: %q, want its 2 layers freed", out)
+	}
+	after := strata(t, root, "df")
+	t.Logf("df after:\n%s", after)
+	if strings.Contains(after, "lazy") {
+		t.Errorf("layers left after rmi:\n%s", after)
+	}
+	if !strings.Contains(after, "cache: 0B in 0 items") {
+		t.Errorf("cache items left after rmi:\n%s", after)
+	}
+}

@@ -47,6 +47,13 @@ func (m *Manager) collect(ctx context.Context, candidates []digest.Digest) (*GCR
 			used[l.Digest] = true
 		}
 	}
+	var consider map[digest.Digest]bool
+	if candidates != nil {
+		consider = map[digest.Digest]bool{}
+		for _, d := range candidates {
+			consider[d] = true
+		}
+	}
 	m.mu.Lock()
 	for _, l := range m.leases {
 		if l.Image != nil {
@@ -55,16 +62,30 @@ func (m *Manager) collect(ctx context.Context, candidates []digest.Digest) (*GCR
 			}
 		}
 	}
-	for d := range m.layers { // mounted (by leases, or the snapshotter)
-		used[d] = true
+	var lingering []*layer
+	for d, l := range m.layers {
+		switch {
+		case l.refs == 0 && !used[d] && (consider == nil || consider[d]):
+			// Kept mounted for a start that may come (Options.Linger):
+			// it will not, the layer goes.
+			lingering = append(lingering, l)
+		default: // mounted (by leases, or the snapshotter)
+			used[d] = true
+		}
 	}
 	m.mu.Unlock()
-	var consider map[digest.Digest]bool
-	if candidates != nil {
-		consider = map[digest.Digest]bool{}
-		for _, d := range candidates {
-			consider[d] = true
+	for _, l := range lingering {
+		m.mu.Lock()
+		if l.refs > 0 || m.layers[l.digest] != l {
+			used[l.digest] = true
+			m.mu.Unlock()
+			continue
 		}
+		if l.linger != nil {
+			l.linger.Stop()
+			l.linger = nil
+		}
+		m.unmountLocked(l) // releases m.mu
 	}
 	dirs, _ := filepath.Glob(filepath.Join(m.root, "layers", "*"))
 	gone := map[digest.Digest]bool{} // cache items of removed layers
