@@ -29,7 +29,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	var htpasswd string
 	var anonPull bool
 	var upstream, upUser, upPassFile string
-	var upTTL, idle time.Duration
+	var upTTL, idle, reqTimeout time.Duration
 	var maxConns, maxUploads int
 	var maxBlob int64
 	var config string
@@ -68,7 +68,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 			}
 			go exp.Run(cmd.Context())
 			opts := registry.Options{Logger: log, Metrics: metrics, OnManifest: exp.OnManifest,
-				MaxBlobSize: maxBlob, MaxUploadsPerClient: maxUploads}
+				MaxBlobSize: maxBlob, MaxUploadsPerClient: maxUploads, RequestTimeout: reqTimeout}
 			if upstream != "" {
 				if mir, err = newMirror(upstream, upUser, upPassFile, upTTL, st, exp, log); err != nil {
 					return usageError{cmd, err}
@@ -100,6 +100,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
 	serve.Flags().DurationVar(&idle, "idle-timeout", 2*time.Minute, "close keep-alive connections idle this long")
 	serve.Flags().IntVar(&maxConns, "max-connections", 1024, "connections served at once (more wait to be accepted)")
+	serve.Flags().DurationVar(&reqTimeout, "request-timeout", registry.DefaultRequestTimeout, "bound on reading and answering requests that do not stream blobs (manifests, tags, catalog, referrers)")
 	serve.Flags().Int64Var(&maxBlob, "max-blob-size", registry.DefaultMaxBlobSize, "largest blob a push may store, in bytes (-1: no limit); larger pushes get 413")
 	serve.Flags().IntVar(&maxUploads, "max-uploads-per-client", registry.DefaultMaxUploadsPerClient, "upload sessions one client address may hold open (-1: no limit); more get 429")
 	serve.Flags().StringVar(&cert, "tls-cert", "", "TLS certificate file (enables HTTPS)")

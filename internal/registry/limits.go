@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"time"
 )
 
 // Defaults of Options.MaxBlobSize and Options.MaxUploadsPerClient.
@@ -31,6 +32,17 @@ func (o Options) maxUploads() int {
 		return DefaultMaxUploadsPerClient
 	}
 	return o.MaxUploadsPerClient
+}
+
+func (reg *Registry) requestTimeout() time.Duration {
+	switch t := reg.opts.RequestTimeout; {
+	case t < 0:
+		return 0
+	case t == 0:
+		return DefaultRequestTimeout
+	default:
+		return t
+	}
 }
 
 func errTooLarge(max int64) *regError {

@@ -2,10 +2,13 @@ package registry_test
 
 import (
 	"bytes"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -126,5 +129,40 @@ func TestUploadSessionsPerClient(t *testing.T) {
 	}
 	if r := do(t, "POST", srv.URL+"/v2/r/blobs/uploads/", nil, nil); r.code != http.StatusTooManyRequests {
 		t.Fatalf("past the limit again: %d", r.code)
+	}
+}
+
+// TestSlowManifestRequestCut: a client that sends a manifest's body slowly
+// is cut off after the request timeout. Before, only the headers had a
+// deadline: the connection was held until the client gave up.
+func TestSlowManifestRequestCut(t *testing.T) {
+	srv := newLimitedServer(t, registry.Options{RequestTimeout: 300 * time.Millisecond})
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "PUT /v2/a/manifests/t HTTP/1.1\r\nHost: x\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000\r\n\r\n{")
+	start := time.Now()
+	closed := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, conn)
+		closed <- err
+	}()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-closed:
+			if d := time.Since(start); d > 2*time.Second {
+				t.Errorf("cut after %v", d)
+			}
+			return
+		case <-tick.C:
+			conn.Write([]byte(" ")) // one byte at a time
+			if time.Since(start) > 5*time.Second {
+				t.Fatal("a slow manifest body held the connection for 5 s")
+			}
+		}
 	}
 }

@@ -43,7 +43,14 @@ type Options struct {
 	// address) may hold open: 0 means DefaultMaxUploadsPerClient,
 	// negative no limit. More get 429.
 	MaxUploadsPerClient int
+	// RequestTimeout bounds the reading and the answer of requests that
+	// do not stream blobs (manifests, tags, the catalog, referrers): 0
+	// means DefaultRequestTimeout, negative none.
+	RequestTimeout time.Duration
 }
+
+// DefaultRequestTimeout is the default of Options.RequestTimeout.
+const DefaultRequestTimeout = time.Minute
 
 // Upstream is the registry a mirror serves (package mirror).
 type Upstream interface {
@@ -174,6 +181,17 @@ func (reg *Registry) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if rt.repo != "" && !validName(rt.repo) {
 		writeError(w, r, newErr(http.StatusBadRequest, codeNameInvalid, fmt.Sprintf("invalid repository name %q", rt.repo)))
 		return
+	}
+	switch rt.kind {
+	case "base", "catalog", "tags", "manifest", "referrers":
+		// Small requests: a client sending or reading them slowly
+		// cannot hold the connection (blobs stream as long as they
+		// need; idle connections are closed by the server).
+		if t := reg.requestTimeout(); t > 0 {
+			rc := http.NewResponseController(w)
+			rc.SetReadDeadline(time.Now().Add(t))
+			rc.SetWriteDeadline(time.Now().Add(t))
+		}
 	}
 	var err error
 	if reg.opts.Upstream != nil && r.Method != "GET" && r.Method != "HEAD" && rt.kind != "ext" {
