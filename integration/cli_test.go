@@ -39,9 +39,9 @@ func TestUsageErrors(t *testing.T) {
 		code int
 		want []string // in the one line of stderr
 	}{
-		// gc is not a registry command yet (DESIGN.md lists it for the
-		// second wave); when it lands, this case goes.
-		{[]string{"registry", "gc"}, 2, []string{`strata registry: unknown command "gc"`, "serve"}},
+		// gc on a directory that is not a registry's root creates nothing
+		// and says so.
+		{[]string{"registry", "gc", "--root", "/nonexistent-strata-root"}, 1, []string{"/nonexistent-strata-root is not a registry root"}},
 		{[]string{"registry", "bogus"}, 2, []string{`unknown command "bogus"`, "serve"}},
 		{[]string{"bogus"}, 2, []string{`strata: unknown command "bogus"`, "run", "registry"}},
 		{[]string{"help", "registry", "bogus"}, 2, []string{`unknown command "bogus"`}},
