@@ -86,6 +86,12 @@ type Profile struct {
 	// a PUT is ignored): exactly the pages the start reads, in the order
 	// first read, compressed, in one blob of the repository.
 	Pack *Pack `json:"pack,omitempty"`
+	// Derived is set when the registry has no profile of the image asked
+	// for and answers with the profile of another image of the
+	// repository that shares the most of its layers (a previous version):
+	// its frames and pack serve the shared layers; a node uses it and
+	// records the image's own profile. Ignored in a PUT.
+	Derived bool `json:"derived,omitempty"`
 }
 
 // A Pack holds the pages a profile lists: their bytes, from the layers'

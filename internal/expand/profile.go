@@ -42,9 +42,81 @@ func (s *Service) Profile(ctx context.Context, repo string, m digest.Digest) ([]
 	}
 	b, err := os.ReadFile(s.profilePath(repo, m))
 	if errors.Is(err, os.ErrNotExist) {
-		return s.referredProfile(ctx, repo, m)
+		b, err = s.referredProfile(ctx, repo, m)
+		if errors.Is(err, ErrNoProfile) {
+			return s.derivedProfile(ctx, repo, m)
+		}
 	}
 	return b, err
+}
+
+// maxDerivedSources bounds the profiles derivedProfile reads (the most
+// recent ones).
+const maxDerivedSources = 256
+
+// derivedProfile returns, for manifest m of repo that has no profile, the
+// stored profile of another image of repo that shares the most of m's
+// layers (by the frames it lists of them; the newest on a tie), marked
+// Derived: a new version of an image (its base layers unchanged) starts
+// with what the previous version's start read of them, pack included; a
+// node ignores what it lists of layers the image does not have. Profiles
+// of other repositories are not looked at: what an image's start reads is
+// its repository's to see.
+func (s *Service) derivedProfile(ctx context.Context, repo string, m digest.Digest) ([]byte, error) {
+	man, err := s.st.GetManifest(ctx, repo, m)
+	if err != nil {
+		return nil, ErrNoProfile
+	}
+	layers := map[digest.Digest]bool{}
+	for _, d := range store.ParseReferences(man.Content).Blobs {
+		layers[d] = true
+	}
+	dir := filepath.Dir(s.profilePath(repo, m))
+	ents, _ := os.ReadDir(dir)
+	type cand struct {
+		m     digest.Digest
+		mtime time.Time
+	}
+	var cands []cand
+	for _, e := range ents {
+		d, ok := nameDigest(e.Name())
+		if !ok || d == m {
+			continue
+		}
+		if fi, err := e.Info(); err == nil {
+			cands = append(cands, cand{d, fi.ModTime()})
+		}
+	}
+	slices.SortFunc(cands, func(a, b cand) int { return b.mtime.Compare(a.mtime) })
+	if len(cands) > maxDerivedSources {
+		cands = cands[:maxDerivedSources]
+	}
+	var best *api.Profile
+	bestScore := 0
+	for _, c := range cands {
+		if !s.st.HasManifest(repo, c.m) {
+			continue // the image is gone
+		}
+		b, err := os.ReadFile(filepath.Join(dir, recordName(c.m)))
+		var p api.Profile
+		if err != nil || json.Unmarshal(b, &p) != nil || p.Version != layerindex.Version {
+			continue
+		}
+		score := 0
+		for _, l := range p.Layers {
+			if layers[l.Layer] {
+				score += len(l.Frames) + 1
+			}
+		}
+		if score > bestScore { // newest first: a tie keeps the newer
+			best, bestScore = &p, score
+		}
+	}
+	if best == nil {
+		return nil, ErrNoProfile
+	}
+	best.Derived = true
+	return json.Marshal(best)
 }
 
 // PutProfile checks and stores the start-up profile p of manifest m in
@@ -123,6 +195,7 @@ func (s *Service) PutProfile(ctx context.Context, repo string, m digest.Digest, 
 		return err
 	}
 	p.Pack = nil // the registry's to make
+	p.Derived = false
 	path := s.profilePath(repo, m)
 	if pages > 0 {
 		ixs := make([]*layerindex.Index, len(p.Layers))

@@ -305,3 +305,73 @@ func TestProfilePackShared(t *testing.T) {
 		t.Fatalf("a pack no profile names: %d, want 404", code)
 	}
 }
+
+// TestDerivedProfile: an image without a profile is answered with the
+// profile of the image of its repository sharing the most of its layers,
+// marked derived; never another repository's; its own, once stored, wins;
+// a deleted source image's profile is not used.
+func TestDerivedProfile(t *testing.T) {
+	srv := start(t, t.TempDir())
+	defer srv.stop()
+	m1, layer, md, _ := mountedImage(t, srv)
+	other := ocilayout.GzipLayer(mustTarOf(t, "other"))
+	// v2: the same layer and another.
+	m2, descs := pushImage(t, srv.URL, "lib/app", "v2", ocilayout.GzipLayer(mustTarFiles(t)), other)
+	if descs[0].Digest != layer {
+		t.Fatal("v2 does not share v1's layer")
+	}
+	get := func(repo string, m digest.Digest) (api.Profile, int) {
+		code, _, body := req(t, "GET", srv.URL+api.ProfilePath(repo, m), nil)
+		var p api.Profile
+		json.Unmarshal(body, &p)
+		return p, code
+	}
+	if _, code := get("lib/app", m2); code != 404 {
+		t.Fatalf("v2 before any profile: %d", code)
+	}
+	prof := api.Profile{Version: layerindex.Version, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0}}}}
+	b, _ := json.Marshal(prof)
+	if code, _, body := req(t, "PUT", srv.URL+api.ProfilePath("lib/app", m1), b, "Content-Type", "application/json"); code != 201 {
+		t.Fatalf("PUT v1: %d %s", code, body)
+	}
+	if p, code := get("lib/app", m2); code != 200 || !p.Derived || len(p.Layers) != 1 || p.Layers[0].Layer != layer {
+		t.Fatalf("v2: %d %+v, want v1's profile, derived", code, p)
+	}
+	if p, _ := get("lib/app", m1); p.Derived {
+		t.Fatal("v1's own profile marked derived")
+	}
+	// The same image in another repository: no profile of lib/app's.
+	m3, _ := pushImage(t, srv.URL, "other/app", "v2", ocilayout.GzipLayer(mustTarFiles(t)), other)
+	if _, code := get("other/app", m3); code != 404 {
+		t.Fatalf("another repository got lib/app's profile: %d", code)
+	}
+	// v2's own profile wins.
+	b2, _ := json.Marshal(api.Profile{Version: layerindex.Version, Derived: true, Layers: []api.ProfileLayer{{Layer: layer, Data: md.Data.Digest, Frames: []int{0}}}})
+	if code, _, body := req(t, "PUT", srv.URL+api.ProfilePath("lib/app", m2), b2, "Content-Type", "application/json"); code != 201 {
+		t.Fatalf("PUT v2: %d %s", code, body)
+	}
+	if p, code := get("lib/app", m2); code != 200 || p.Derived {
+		t.Fatalf("v2 after its own PUT: %d derived %v", code, p.Derived)
+	}
+	// A deleted image's profile is no source.
+	req(t, "DELETE", srv.URL+"/v2/lib/app/manifests/"+m2.String(), nil)
+	m4, _ := pushImage(t, srv.URL, "lib/app", "v4", other)
+	req(t, "DELETE", srv.URL+"/v2/lib/app/manifests/"+m1.String(), nil)
+	if _, code := get("lib/app", m4); code != 404 {
+		t.Fatalf("v4 derived from deleted images: %d", code)
+	}
+}
+
+func mustTarOf(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := ocilayout.Tar([]ocilayout.Entry{{Name: name, Content: []byte(name)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func mustTarFiles(t *testing.T) []byte {
+	tr, _ := files(t)
+	return tr
+}

@@ -189,7 +189,7 @@ func (m *Manager) refLayers(ctx context.Context, img *Image, profile *api.Profil
 // start that records, or that prefetches a profile (profile) not on the
 // node yet.
 func (m *Manager) beginStart(id string, img *Image, got []*layer, profile *api.Profile) {
-	record := img.Unprofiled && img.Profile == nil && m.opts.Profiles == ProfilesAuto
+	record := img.Unprofiled && (img.Profile == nil || img.Profile.Derived) && m.opts.Profiles == ProfilesAuto
 	for _, l := range got {
 		// Only a start whose reads go into a profile, or come from one
 		// that is not on the node yet, fetches what readahead widens.

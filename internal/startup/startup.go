@@ -143,8 +143,9 @@ func New(opts Options) *Profiles {
 // layers are layers, and begins fetching what it lists (Begin; beyond a
 // head, once indexes is closed). With referrers, the profile is looked for
 // as a profile artifact referring to md (a registry without strata's
-// routes). missing reports that the registry has none, so the image's
-// first start records one.
+// routes). missing reports that the registry has none of its own (none
+// at all, or one derived from another image's, api.Profile.Derived), so
+// the image's first start records one.
 func (s *Profiles) Fetch(ctx context.Context, repo remote.Repository, md digest.Digest, layers []ocispec.Descriptor, indexes <-chan struct{}, referrers bool) (p *api.Profile, missing bool) {
 	var err error
 	if referrers {
@@ -155,7 +156,9 @@ func (s *Profiles) Fetch(ctx context.Context, repo remote.Repository, md digest.
 	switch {
 	case err == nil && p.Version == layerindex.Version:
 		s.Begin(repo, p, layers, indexes)
-		return p, false
+		// A profile derived from another image's: the start records the
+		// image's own.
+		return p, p.Derived
 	case errors.Is(err, remote.ErrNotFound):
 		return nil, true
 	case err != nil:
