@@ -66,7 +66,7 @@ func parseFlags(args []string) (harness.Config, string, error) {
 	budget := fs.Duration("budget", 90*time.Second, "time after which a system on one image and profile stops at -min-runs samples")
 	profiles := fs.String("profiles", "", "comma-separated link profiles: loopback, datacenter, regional, edge (default all; quick: loopback,regional)")
 	images := fs.String("images", "", "comma-separated images: python, python-layers, gcc, tiny (default python,python-layers,gcc; quick: python)")
-	systems := fs.String("systems", "", "comma-separated start-time systems (default all): containerd, stargz, stargz-optimized, strata-fallback, strata-referrers-cold, strata-mirror-first, strata-mirror-second (measured together), strata-lazy-cold, strata-lazy-profiled, strata-lazy-warm")
+	systems := fs.String("systems", "", "comma-separated start-time systems (default all): containerd, stargz, stargz-optimized, strata-fallback, strata-referrers-cold, strata-mirror-first, strata-mirror-second (measured together), strata-lazy-cold, strata-lazy-profiled, strata-lazy-newversion, strata-lazy-warm")
 	readRuns := fs.Int("read-runs", -1, "runs of the read benchmark, 0 to skip (default 3, quick 1)")
 	readFiles := fs.Int("read-files", 4, "files in the read benchmark")
 	readSize := fs.Int64("read-mib", 64, "size of each read-benchmark file in MiB")

@@ -143,7 +143,7 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 				e.logf("  %s: strata expand on the CNCF registry failed: %v", im.Name, im.expandErr)
 			}
 		}
-		if cfg.wants(report.StrataProfiled) {
+		if cfg.wants(report.StrataProfiled) || cfg.wants(report.StrataNewVersion) {
 			if im.profileErr = e.recordProfile(ctx, im); im.profileErr != nil {
 				e.logf("  %s: recording its start-up profile failed: %v", im.Name, im.profileErr)
 			}
@@ -236,6 +236,9 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 				}
 				if need(report.StrataProfiled, i) {
 					timed(report.StrataProfiled, func() { add(report.StrataProfiled, e.strataProfiled(ctx, im, id), i) })
+				}
+				if need(report.StrataNewVersion, i) {
+					timed(report.StrataNewVersion, func() { add(report.StrataNewVersion, e.strataNewVersion(ctx, im, id), i) })
 				}
 				if need(report.StrataCold, i) || need(report.StrataWarm, i) {
 					var cold, warm report.Sample

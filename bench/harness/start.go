@@ -142,6 +142,11 @@ func (e *env) strataRun(ctx context.Context, root, addr string, im *image, flags
 
 // strataRunOut is strataRun that also returns what strata wrote to stderr.
 func (e *env) strataRunOut(ctx context.Context, root, addr string, im *image, flags ...string) (report.Sample, string) {
+	return e.strataRunTagOut(ctx, root, addr, im, "latest", flags...)
+}
+
+// strataRunTagOut is strataRunOut of tag of im's repository.
+func (e *env) strataRunTagOut(ctx context.Context, root, addr string, im *image, tag string, flags ...string) (report.Sample, string) {
 	ctx, cancel := context.WithTimeout(ctx, sampleTimeout)
 	defer cancel()
 	var s report.Sample
@@ -156,7 +161,7 @@ func (e *env) strataRunOut(ctx context.Context, root, addr string, im *image, fl
 		return s, ""
 	}
 	m := e.begin(ctx)
-	args := append(append(flags, "run", "--rm", "--plain-http", addr+"/"+im.repo()+":latest"), im.Args...)
+	args := append(append(flags, "run", "--rm", "--plain-http", addr+"/"+im.repo()+":"+tag), im.Args...)
 	stderr, first, total, err := firstLineStderr(m.start, e.strataCmd(ctx, root, args...), im.Want)
 	m.end(ctx, &s)
 	s.FirstLine, s.Total = first, total

@@ -22,11 +22,14 @@ const (
 	// node once the mirror has it.
 	StrataMirrorFirst  = "strata-mirror-first"
 	StrataMirrorSecond = "strata-mirror-second"
-	Baseline           = Containerd
+	// StrataNewVersion is the first start of a new version of an image
+	// (one layer added on top) whose previous version has a profile.
+	StrataNewVersion = "strata-lazy-newversion"
+	Baseline         = Containerd
 )
 
 // SystemOrder lists the start-time systems in table order.
-var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataReferrers, StrataMirrorFirst, StrataMirrorSecond, StrataCold, StrataProfiled, StrataWarm}
+var SystemOrder = []string{Containerd, Stargz, StargzOptimized, StrataFallback, StrataReferrers, StrataMirrorFirst, StrataMirrorSecond, StrataCold, StrataProfiled, StrataNewVersion, StrataWarm}
 
 // Describe says what each system measures.
 var Describe = map[string]string{
@@ -37,6 +40,7 @@ var Describe = map[string]string{
 	StrataReferrers:    "strata lazy start from the CNCF distribution registry (no layer-mount API, no Referrers API): `strata expand` pushed the expansion there beforehand (untimed), the node finds it through the referrers tag; fresh node root and cache, no start-up profile (`--startup-profiles off`); compare with strata-lazy-cold, the same from strata's registry",
 	StrataMirrorFirst:  "strata start through a strata registry serving as pull-through mirror (`--upstream`) of the CNCF registry, the first request for the image: a fresh mirror (empty store) fetches the image from the upstream over a link of its own (a proxy with the profile's RTT and rate), and expands its layers while the node waits (202, bounded), then the node mounts lazily; the node keeps image references as they are (the CNCF registry's) and finds the mirror in a containerd hosts.toml (`--hosts-dir`); fresh node, default `--startup-profiles auto` (it records a profile and stores it in the mirror); compare with containerd, which pulls from the upstream directly",
 	StrataMirrorSecond: "strata start through the same mirror on another fresh node once the first start is over: the mirror has the image, its expansion and the profile the first node stored, so this is a profiled lazy start from the mirror; the upstream is not asked (its tag's TTL has not passed)",
+	StrataNewVersion:   "strata lazy start, fresh node root and cache, of a new version of the image nobody has run: the image with one small layer added on top (an application's new release over unchanged base layers), pushed as a tag of its own just before (untimed); the registry has no profile of it and answers with the previous version's (derived), recorded before the timed runs; default `--startup-profiles auto` (the start also records the new version's own profile); compare with strata-lazy-profiled (the goal: within 1.2x) and strata-lazy-cold",
 	StrataWarm:         "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
 }
 
