@@ -70,6 +70,7 @@ func parseFlags(args []string) (harness.Config, string, error) {
 	readRuns := fs.Int("read-runs", -1, "runs of the read benchmark, 0 to skip (default 3, quick 1)")
 	readFiles := fs.Int("read-files", 4, "files in the read benchmark")
 	readSize := fs.Int64("read-mib", 64, "size of each read-benchmark file in MiB")
+	readProfile := fs.String("read-profile", "loopback", "link profile of the read benchmark and the tree walk")
 	noLimit := fs.Bool("no-limit", false, "skip measuring the physical limit")
 	keep := fs.Bool("keep", false, "keep the work directory")
 	work := fs.String("work", "/var/tmp", "parent of the work directory (node disk image, registries)")
@@ -108,6 +109,11 @@ func parseFlags(args []string) (harness.Config, string, error) {
 		}
 		cfg.Profiles = append(cfg.Profiles, p)
 	}
+	p, ok := link.Lookup(*readProfile)
+	if !ok {
+		return cfg, "", fmt.Errorf("unknown profile %q", *readProfile)
+	}
+	cfg.ReadProfile = p
 	cfg.Command = strings.TrimSpace(cfg.Command)
 	return cfg, *out, nil
 }

@@ -39,6 +39,9 @@ type Config struct {
 	MinRuns  int
 	Budget   time.Duration
 	Profiles []link.Profile
+	// ReadProfile is the link of the read benchmark and the tree walk
+	// (zero: loopback).
+	ReadProfile link.Profile
 	Images   []string
 	// Systems selects start-time systems (report.SystemOrder names;
 	// "strata-lazy-cold" and "strata-lazy-warm" are measured together).
@@ -265,7 +268,12 @@ func Run(ctx context.Context, cfg Config) (rep *report.Report, err error) {
 	}
 
 	if cfg.ReadRuns > 0 {
-		if err := e.shape(ctx, link.Profiles[0]); err != nil {
+		rp := cfg.ReadProfile
+		if rp.Name == "" {
+			rp = link.Profiles[0]
+		}
+		rep.ReadLink = rp.String()
+		if err := e.shape(ctx, rp); err != nil {
 			return nil, err
 		}
 		if rep.Reads, err = e.readBench(ctx, cfg.ReadRuns, cfg.ReadFiles, cfg.ReadFileSize); err != nil {

@@ -44,6 +44,14 @@ var Describe = map[string]string{
 	StrataWarm:         "strata lazy start again on the node of the cold start, a new container, once the node has put the files the cold start read whole into its cache (in the background, when quiet; waited for untimed): no network, reads through passthrough",
 }
 
+// linkNote names the read link in prose, when it is known.
+func linkNote(name string) string {
+	if name == "" {
+		return ""
+	}
+	return ": " + name
+}
+
 // Markdown renders the report as tables; charts are image files in the
 // same folder.
 func (r *Report) Markdown(charts []string) string {
@@ -153,7 +161,7 @@ func (r *Report) Markdown(charts []string) string {
 	}
 
 	if len(r.Trees) > 0 {
-		w("\n## Tree walk\n\n`tar -cf - usr` of the image's tree into a pipe (every file opened and read, the archive counted): through a fresh `strata mount` (cold: nothing cached, fetched over the read benchmark's link), and through the same mount once every file is cached and in the page cache (warm); against a local overlayfs over an unpacked copy, with the page cache dropped (cold) and warm. Median (min–max) MB/s of archive; the ratio is to the local walk of the same temperature.\n\n")
+		w("\n## Tree walk\n\n`tar -cf - usr` of the image's tree into a pipe (every file opened and read, the archive counted): through a fresh `strata mount` (cold: nothing cached, fetched over the read benchmark's link%s), and through the same mount once every file is cached and in the page cache (warm); against a local overlayfs over an unpacked copy, with the page cache dropped (cold) and warm. Median (min–max) MB/s of archive; the ratio is to the local walk of the same temperature.\n\n", linkNote(r.ReadLink))
 		w("| walk | system | MB/s | min–max | ÷ local | archive bytes | node daemon CPU per walk |\n|---|---|---|---|---|---|---|\n")
 		for _, rd := range r.Trees {
 			cpu, ratio := "", ""

@@ -27,7 +27,9 @@ type Report struct {
 	Limits   []Limit       `json:"limits,omitempty"`
 	Reads    []Read        `json:"reads,omitempty"`
 	// Trees are tree walks (tar of an image's /usr), cold and warm.
-	Trees []Read   `json:"trees,omitempty"`
+	Trees []Read `json:"trees,omitempty"`
+	// ReadLink is the link profile of the reads and tree walks.
+	ReadLink string `json:"readLink,omitempty"`
 	Notes []string `json:"notes,omitempty"`
 }
 

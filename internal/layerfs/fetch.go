@@ -45,6 +45,7 @@ type fetcher struct {
 	rec      *recording  // nil: not recording
 	recOn    atomic.Bool // rec != nil, read without mu
 	holding  bool        // the recording holds back opts.Completer
+	walk     walk        // a walk of the layer in its order (streamAhead)
 
 	// base is the context of every flight; close cancels it and waits for
 	// the flights (fills) to end.
@@ -53,6 +54,25 @@ type fetcher struct {
 	fills  sync.WaitGroup
 	closed bool
 }
+
+// A walk is the state of the detection of a read of the layer in its
+// order (a tar, a copy, a find reading every file: files sit in the data
+// stream in the order of the layer's tar, a directory's files together).
+// Misses in consecutive miss windows make a streak; a streak of
+// walkStreak windows streams the windows after the last one read,
+// walkAhead of them at a time, each its own request, so the link stays
+// busy instead of idle for a round trip per window; reads in the
+// streamed windows keep the stream ahead of them.
+type walk struct {
+	last   int64 // window index of the last miss (-2: none yet)
+	streak int   // consecutive windows missed in order
+	ahead  int64 // window index up to which flights are started
+}
+
+const (
+	walkStreak = 3
+	walkAhead  = 8
+)
 
 // A recording lists the frames read, in the order first read, each with
 // its place in readSeq; and the bytes of the uncompressed stream read, as
@@ -124,6 +144,7 @@ func newFetcher(ix *layerindex.Index, src Source, c *cache.Cache, opts *Options,
 		mem:      memLRU{max: opts.MemoryBytes, elems: make(map[int]*list.Element)},
 		inflight: make(map[int]*flight),
 		failed:   make(map[int]failure),
+		walk:     walk{last: -2, ahead: -1},
 	}
 }
 
@@ -172,9 +193,13 @@ func (f *fetcher) frames(ctx context.Context, first, last int) ([][]byte, error)
 	if len(mine) > 0 {
 		mine = f.widen(mine)
 	}
+	ahead := f.streamAhead(first, last, len(mine) > 0)
 	f.mu.Unlock()
 	if len(mine) > 0 {
 		f.startFill(mine)
+	}
+	for _, ks := range ahead {
+		f.startFill(ks)
 	}
 	for i, fl := range flights {
 		if fl == nil {
@@ -227,6 +252,67 @@ func (f *fetcher) widen(ks []int) []int {
 		}
 		f.inflight[k] = &flight{done: make(chan struct{})}
 		out = append(out, k)
+	}
+	return out
+}
+
+// streamAhead notes a read of frames first to last (missed: it started
+// flights) in the walk detection, and returns the flights to start for
+// the windows a walk in progress should have fetched ahead of it (see
+// walk), one list of frames per window. f.mu is held.
+func (f *fetcher) streamAhead(first, last int, missed bool) [][]int {
+	w := f.opts.MissWindow
+	if w <= 0 || len(f.ix.Frames) == 0 {
+		return nil
+	}
+	fs := f.ix.Frames
+	lo, hi := fs[first].UOffset/w, fs[last].UOffset/w
+	wk := &f.walk
+	if missed {
+		switch {
+		case hi <= wk.last && lo >= wk.last-1:
+			// The window missed last, or the one before: no news.
+		case lo <= wk.last+1 && hi > wk.last:
+			wk.streak += int(hi - wk.last) // the next window(s) in order
+		case wk.streak >= walkStreak && lo > wk.last && lo <= wk.ahead+1:
+			// Past the last read but within the stream (a frame it
+			// failed, or that was evicted): the walk goes on.
+		default: // elsewhere: no walk (or a new one)
+			wk.streak, wk.ahead, wk.last = 1, -1, hi
+		}
+		wk.last = max(wk.last, hi)
+	} else {
+		if wk.streak < walkStreak {
+			return nil
+		}
+		wk.last = max(wk.last, hi)
+		if hi < wk.ahead-walkAhead/2 {
+			return nil // far enough ahead still
+		}
+	}
+	if wk.streak < walkStreak {
+		return nil
+	}
+	end := fs[len(fs)-1].UOffset / w
+	var out [][]int
+	for win := max(wk.ahead+1, hi+1); win <= min(hi+walkAhead, end); win++ {
+		a, b := f.ix.FramesFor(win*w, w)
+		var ks []int
+		for k := a; k >= 0 && k <= b; k++ {
+			if fs[k].UOffset < win*w || f.mem.has(k) || f.inflight[k] != nil || f.cached(k) {
+				continue
+			}
+			if fail, ok := f.failed[k]; ok && time.Since(fail.at) < failMemory {
+				continue
+			}
+			f.inflight[k] = &flight{done: make(chan struct{})}
+			ks = append(ks, k)
+		}
+		if len(ks) > 0 {
+			out = append(out, ks)
+			f.st.streamed.Add(int64(len(ks)))
+		}
+		wk.ahead = win
 	}
 	return out
 }

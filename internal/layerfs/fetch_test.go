@@ -558,3 +558,40 @@ func TestFetcherReadMiss(t *testing.T) {
 		t.Errorf("a read of a cached and a missing frame: misses %v, want 2", w)
 	}
 }
+
+// TestFetcherStreamsWalks: reads that miss window after window in the
+// layer's order (a tar or copy of the tree) stream the windows after them,
+// each its own request, so most reads find their frames on the way;
+// reads that jump around do not.
+func TestFetcherStreamsWalks(t *testing.T) {
+	ix, data, content := manyFrames(t, 40)
+	src := &countingSource{data: data, delay: 5 * time.Millisecond}
+	f, st := newTestFetcher(ix, src, nil, Options{MissWindow: layerindex.FrameSize})
+	ctx := context.Background()
+	for k := range len(ix.Frames) {
+		got, err := f.frames(ctx, k, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkFrames(t, ix, content, k, got)
+	}
+	waitIdle(t, f)
+	if n := st.streamed.Load(); n < int64(len(ix.Frames))-walkStreak-1 {
+		t.Errorf("a walk of %d frames streamed %d of them ahead", len(ix.Frames), n)
+	}
+	if r := src.requests.Load(); r > int64(len(ix.Frames))+1 {
+		t.Errorf("%d requests for %d frames: frames fetched twice", r, len(ix.Frames))
+	}
+
+	// Jumps: no stream.
+	f2, st2 := newTestFetcher(ix, &countingSource{data: data}, nil, Options{MissWindow: layerindex.FrameSize})
+	for _, k := range []int{30, 2, 17, 9, 25, 4, 36, 12} {
+		if _, err := f2.frames(ctx, k, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitIdle(t, f2)
+	if n := st2.streamed.Load(); n != 0 {
+		t.Errorf("random reads streamed %d frames", n)
+	}
+}

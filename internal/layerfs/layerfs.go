@@ -225,6 +225,8 @@ type FS struct {
 	profiledUntil atomic.Int64
 	// programs marks the entries already found to be programs.
 	programs []atomic.Bool
+	// refusal: see Refuse.
+	refusal refusal
 }
 
 // New returns the file system of the layer described by ix, reading its
@@ -294,6 +296,7 @@ func (f *FS) Mount(ctx context.Context, dir string) (*Server, error) {
 	}
 	ms := &mountState{}
 	root := &node{fs: f, mnt: ms, i: 0}
+	f.addRoot(root)
 	timeout := f.opts.CacheTimeout
 	golog := slog.NewLogLogger(f.log.Handler(), slog.LevelDebug)
 	if !f.opts.Debug {
@@ -455,6 +458,7 @@ type Stats struct {
 	Programs         int64 // ELF files prefetched whole when first read
 	DirListings      int64 // directory listings served (the kernel keeps them)
 	Flushes          int64 // FLUSH requests (the first is told ENOSYS: no more come)
+	StreamedFrames   int64 // frames fetched ahead of a walk of the layer in its order
 }
 
 type counters struct {
@@ -464,6 +468,7 @@ type counters struct {
 	servedReads, servedBytes, pageReads                                atomic.Int64
 	programs                                                           atomic.Int64
 	dirListings, flushes                                               atomic.Int64
+	streamed                                                           atomic.Int64
 }
 
 // Stats returns the counters.
@@ -486,6 +491,7 @@ func (f *FS) Stats() Stats {
 		Programs:         s.programs.Load(),
 		DirListings:      s.dirListings.Load(),
 		Flushes:          s.flushes.Load(),
+		StreamedFrames:   s.streamed.Load(),
 	}
 }
 
