@@ -42,7 +42,7 @@ type Config struct {
 	// ReadProfile is the link of the read benchmark and the tree walk
 	// (zero: loopback).
 	ReadProfile link.Profile
-	Images   []string
+	Images      []string
 	// Systems selects start-time systems (report.SystemOrder names;
 	// "strata-lazy-cold" and "strata-lazy-warm" are measured together).
 	Systems []string

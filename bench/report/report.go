@@ -29,8 +29,8 @@ type Report struct {
 	// Trees are tree walks (tar of an image's /usr), cold and warm.
 	Trees []Read `json:"trees,omitempty"`
 	// ReadLink is the link profile of the reads and tree walks.
-	ReadLink string `json:"readLink,omitempty"`
-	Notes []string `json:"notes,omitempty"`
+	ReadLink string   `json:"readLink,omitempty"`
+	Notes    []string `json:"notes,omitempty"`
 }
 
 // Host describes the machine.
