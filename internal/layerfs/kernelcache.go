@@ -24,6 +24,9 @@ var (
 // before, by any process, is served from the kernel's cache with no
 // READDIRPLUS. (OPENDIR and RELEASEDIR still come each time.)
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if errno := n.fs.refuse(); errno != 0 {
+		return nil, 0, errno
+	}
 	return &dirHandle{fs: n.fs, list: n.dirEntries()}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
 }
 

@@ -225,6 +225,8 @@ type FS struct {
 	profiledUntil atomic.Int64
 	// programs marks the entries already found to be programs.
 	programs []atomic.Bool
+	// refusal: see Refuse.
+	refusal refusal
 }
 
 // New returns the file system of the layer described by ix, reading its
@@ -294,6 +296,7 @@ func (f *FS) Mount(ctx context.Context, dir string) (*Server, error) {
 	}
 	ms := &mountState{}
 	root := &node{fs: f, mnt: ms, i: 0}
+	f.addRoot(root)
 	timeout := f.opts.CacheTimeout
 	golog := slog.NewLogLogger(f.log.Handler(), slog.LevelDebug)
 	if !f.opts.Debug {

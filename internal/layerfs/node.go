@@ -129,6 +129,9 @@ func (n *node) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut)
 func baseName(p string) string { return p[strings.LastIndexByte(p, '/')+1:] }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if errno := n.fs.refuse(); errno != 0 {
+		return nil, errno
+	}
 	ix := n.fs.ix
 	kids := ix.Children(n.i)
 	k := sort.Search(len(kids), func(k int) bool { return baseName(ix.Entries[kids[k]].Path) >= name })
@@ -162,6 +165,9 @@ func (n *node) dirEntries() []fuse.DirEntry {
 }
 
 func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	if errno := n.fs.refuse(); errno != 0 {
+		return nil, errno
+	}
 	e := n.entry()
 	if e.Type != layerindex.TypeSymlink {
 		return nil, syscall.EINVAL
@@ -223,6 +229,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	}
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EROFS
+	}
+	if errno := n.fs.refuse(); errno != 0 {
+		return nil, 0, errno
 	}
 	if c := n.fs.opts.Completer; c != nil {
 		c.Busy()
@@ -415,6 +424,9 @@ type servedFile struct {
 
 func (h *servedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f, e := h.n.fs, h.n.entry()
+	if errno := f.refuse(); errno != 0 {
+		return nil, errno
+	}
 	if c := f.opts.Completer; c != nil {
 		// From its start to its end (a fetch may take long), a read keeps
 		// the node from being quiet.
@@ -469,6 +481,9 @@ type cachedFile struct {
 func (h *cachedFile) PassthroughFd() (int, bool) { return int(h.f.Fd()), true }
 
 func (h *cachedFile) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if errno := h.n.fs.refuse(); errno != 0 {
+		return nil, errno
+	}
 	k, err := h.f.ReadAt(dest, off)
 	if err != nil && err != io.EOF {
 		return nil, h.n.fs.errno(ctx, h.n.entry().Path, err)

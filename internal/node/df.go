@@ -95,8 +95,29 @@ func (m *Manager) completing() bool {
 }
 
 // Busy reports whether the node has work of its own under way that a
-// daemon must not exit under: files being completed in the background.
-func (m *Manager) Busy() bool { return m.completing() }
+// daemon must not exit under: files being completed in the background,
+// lazy layers waiting for verification.
+func (m *Manager) Busy() bool { return m.completing() || m.verify != nil && m.verify.pending() }
+
+// busy notes that a pull or a start is under way: the node's background
+// work (completion, verification) waits until it has been quiet a while.
+func (m *Manager) busy() {
+	if m.complete != nil {
+		m.complete.Busy()
+	}
+	if m.verify != nil {
+		m.verify.busy()
+	}
+}
+
+// VerifyIdle returns a channel closed once no lazy layer waits for
+// background verification (Options.VerifyLayers).
+func (m *Manager) VerifyIdle() <-chan struct{} {
+	if m.verify == nil {
+		return closedChan
+	}
+	return m.verify.idle()
+}
 
 // Hosts is how the node reaches registries; a request that asks for plain
 // HTTP marks its registry here.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"time"
 
@@ -73,6 +74,10 @@ type Image struct {
 	Unprofiled bool         `json:"unprofiled,omitempty"`
 	// PlainHTTP: the image was pulled over plain HTTP (--plain-http).
 	PlainHTTP bool `json:"plainHTTP,omitempty"`
+	// Refused lists the lazy layers whose expansion failed the node's
+	// background verification (verify.go): the next use of the image
+	// pulls it again, and those layers whole.
+	Refused []digest.Digest `json:"refused,omitempty"`
 }
 
 // Images lists pulled images.
@@ -94,13 +99,44 @@ func (m *Manager) image(ctx context.Context, ref string) (*Image, error) {
 	if r, err := remote.ParseReference(ref); err == nil {
 		if b, err := os.ReadFile(imagePath(m.root, r.String())); err == nil {
 			var img Image
-			if json.Unmarshal(b, &img) == nil {
+			if json.Unmarshal(b, &img) == nil && !m.mustRepull(&img) {
 				m.reachAsPulled(&img)
 				return &img, nil
 			}
 		}
 	}
 	return m.Pull(ctx, ref)
+}
+
+// mustRepull reports whether img has a layer refused by verification that
+// has not been pulled whole since.
+func (m *Manager) mustRepull(img *Image) bool {
+	for _, d := range img.Refused {
+		if _, err := os.Stat(filepath.Join(layerDir(m.root, d), "unpacked")); err != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// markRefused records in the images that name layer d that its
+// expansion failed verification (Image.Refused).
+func (m *Manager) markRefused(d digest.Digest, reason string) {
+	paths, _ := filepath.Glob(filepath.Join(m.root, "images", "*.json"))
+	for _, p := range paths {
+		var img Image
+		b, err := os.ReadFile(p)
+		if err != nil || json.Unmarshal(b, &img) != nil || slices.Contains(img.Refused, d) ||
+			!slices.ContainsFunc(img.Layers, func(l ocispec.Descriptor) bool { return l.Digest == d }) {
+			continue
+		}
+		img.Refused = append(img.Refused, d)
+		img.Reason = fmt.Sprintf("layer %s: %s: %s", d, errRefused, reason)
+		b, _ = json.MarshalIndent(&img, "", "  ")
+		if err := atomicfile.Write(p, b); err != nil {
+			m.log.Error("marking an image with a refused layer", "ref", img.Ref, "err", err)
+		}
+	}
 }
 
 // reachAsPulled marks the registry of img as reached over plain HTTP if img

@@ -33,7 +33,7 @@ func (m *Manager) refetchIndexes(ctx context.Context, img *Image) error {
 		if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "unpacked")); err == nil {
 			continue
 		}
-		if _, err := m.savedIndex(l.Digest); err == nil {
+		if _, err := m.savedIndex(l.Digest); err == nil && m.refused(l.Digest) == nil {
 			continue
 		}
 		if img.Source != SourceReferrers {
@@ -83,6 +83,9 @@ func (m *Manager) fetchIndex(ctx context.Context, repo remote.Repository, l ocis
 // getIndex asks for layer l's mount and fetches and decodes its index; raw
 // is nil when the node has the index already.
 func (m *Manager) getIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor) (md *api.MountDescriptor, raw []byte, ix *layerindex.Index, err error) {
+	if err := m.refused(l.Digest); err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w: %w", l.Digest, errNotBound, err)
+	}
 	if _, err := m.savedIndex(l.Digest); err == nil {
 		return nil, nil, nil, nil
 	}
@@ -178,6 +181,9 @@ func (m *Manager) findExpansion(ctx context.Context, repo remote.Repository, md 
 // when the node has the index already. The index must name l (saveIndex
 // then checks its diff ID and data blob).
 func (m *Manager) getReferredIndex(ctx context.Context, repo remote.Repository, l ocispec.Descriptor, exps map[digest.Digest]api.LayerExpansion) (md *api.MountDescriptor, raw []byte, ix *layerindex.Index, err error) {
+	if err := m.refused(l.Digest); err != nil {
+		return nil, nil, nil, fmt.Errorf("layer %s: %w: %w", l.Digest, errNotBound, err)
+	}
 	if _, err := m.savedIndex(l.Digest); err == nil {
 		return nil, nil, nil, nil
 	}
@@ -257,11 +263,9 @@ func (m *Manager) saveIndex(l ocispec.Descriptor, diffID digest.Digest, md *api.
 	return nil
 }
 
-// savedIndex reads layer d's saved index and verifies it against the
-// digest of its saved mount descriptor.
-func (m *Manager) savedIndex(d digest.Digest) ([]byte, error) {
-	dir := layerDir(m.root, d)
-	meta, err := os.ReadFile(filepath.Join(dir, "mount.json"))
+// savedDescriptor reads layer d's saved mount descriptor.
+func (m *Manager) savedDescriptor(d digest.Digest) (*api.MountDescriptor, error) {
+	meta, err := os.ReadFile(filepath.Join(layerDir(m.root, d), "mount.json"))
 	if err != nil {
 		return nil, err
 	}
@@ -269,7 +273,17 @@ func (m *Manager) savedIndex(d digest.Digest) ([]byte, error) {
 	if err := json.Unmarshal(meta, &md); err != nil || md.Index.Digest.Validate() != nil {
 		return nil, fmt.Errorf("saved mount descriptor of %s is damaged", d)
 	}
-	b, err := os.ReadFile(filepath.Join(dir, "index"))
+	return &md, nil
+}
+
+// savedIndex reads layer d's saved index and verifies it against the
+// digest of its saved mount descriptor.
+func (m *Manager) savedIndex(d digest.Digest) ([]byte, error) {
+	md, err := m.savedDescriptor(d)
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(filepath.Join(layerDir(m.root, d), "index"))
 	if err != nil {
 		return nil, err
 	}

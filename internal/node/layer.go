@@ -101,6 +101,13 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 		m.mu.Unlock()
 		return nil
 	}
+	if err := m.refused(d.Digest); err != nil {
+		// Never mounted lazily again: pulled whole (Acquire pulls again).
+		m.mu.Lock()
+		delete(m.decoded, d.Digest)
+		m.mu.Unlock()
+		return fmt.Errorf("layer %s: %w: %w", d.Digest, errNotPulled, err)
+	}
 	m.mu.Lock()
 	ix := m.decoded[d.Digest] // just pulled: no need to read and decode it again
 	delete(m.decoded, d.Digest)
@@ -140,6 +147,7 @@ func (m *Manager) mountLayer(ctx context.Context, img *Image, d ocispec.Descript
 	l.mode, l.dir, l.fs, l.mnt, l.usize, l.repo = ModeLazy, mnt, fs, lm, ix.StreamSize, repo
 	m.mu.Unlock()
 	m.log.Info("layer mounted", "layer", d.Digest, "entries", len(ix.Entries))
+	m.queueVerify(l, ix)
 	return nil
 }
 
@@ -226,6 +234,7 @@ func (m *Manager) unmountLocked(l *layer) {
 		delete(m.layers, l.digest)
 		m.retire(l)
 	}
+	delete(m.detached, l)
 	if l.raTimer != nil {
 		l.raTimer.Stop()
 		l.raTimer = nil
@@ -305,9 +314,13 @@ func (m *Manager) Resolve(ctx context.Context, ref remote.Reference) (*remote.Im
 // wrapping ErrNoLayerMount whose text says why. A layer this node already
 // unpacked (a fallback Pull) is returned as its unpacked tree.
 func (m *Manager) MountLayer(ctx context.Context, repo remote.Repository, manifest digest.Digest, l ocispec.Descriptor, diffID digest.Digest) (dir string, release func(), err error) {
+	m.busy() // a container is about to start
 	// A layer whose index this node holds is mounted without asking the
-	// registry (a restarted snapshotter restores its snapshots offline).
-	if _, err := os.Stat(filepath.Join(layerDir(m.root, l.Digest), "index")); err != nil {
+	// registry (a restarted snapshotter restores its snapshots offline);
+	// not one whose expansion failed verification, unless it is unpacked.
+	ldir := layerDir(m.root, l.Digest)
+	_, unpacked := os.Stat(filepath.Join(ldir, "unpacked"))
+	if _, err := os.Stat(filepath.Join(ldir, "index")); err != nil || unpacked != nil && m.refused(l.Digest) != nil {
 		if err := m.fetchLayerIndex(ctx, repo, manifest, l, diffID); err != nil {
 			return "", nil, err
 		}
@@ -331,7 +344,7 @@ func (m *Manager) fetchLayerIndex(ctx context.Context, repo remote.Repository, m
 	lazy, reason := m.offersMounts(ctx, repo.Registry)
 	if lazy {
 		err := m.fetchIndex(ctx, repo, l, diffID)
-		if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) {
+		if errors.Is(err, remote.ErrExpansionFailed) || errors.Is(err, remote.ErrNotFound) || errors.Is(err, errNotBound) {
 			m.metrics.fallback(layerFallback(err))
 			return fmt.Errorf("%w: %w", ErrNoLayerMount, err)
 		}

@@ -109,9 +109,7 @@ func (m *Manager) Acquire(ctx context.Context, req AcquireRequest) (*Lease, erro
 // union) is starting now, not being restored after a restart: its image's
 // start-up profile is prefetched, or recorded when the registry has none.
 func (m *Manager) acquire(ctx context.Context, id string, img *Image, union string, pid int, starting bool) (*Lease, error) {
-	if m.complete != nil {
-		m.complete.Busy() // a start: no background completion for a while
-	}
+	m.busy() // a start: no background work for a while
 	m.mu.Lock()
 	if _, ok := m.leases[id]; ok {
 		m.mu.Unlock()

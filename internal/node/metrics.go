@@ -29,8 +29,13 @@ import (
 type metrics struct {
 	readMiss  prometheus.Histogram
 	fallbacks *prometheus.CounterVec
-	// layerBytes counts the layer blobs downloaded by fallback pulls.
-	layerBytes atomic.Int64
+	// verifications counts background verifications of lazy layers
+	// (verify.go) by outcome.
+	verifications *prometheus.CounterVec
+	// layerBytes counts the layer blobs downloaded by fallback pulls;
+	// verifyBytes the layer and data blobs fetched by verifications.
+	layerBytes  atomic.Int64
+	verifyBytes atomic.Int64
 	// retired sums the counters of the file systems of layers no longer
 	// mounted, so that counters do not fall when a layer goes. Guarded by
 	// Manager.mu, with the layers.
@@ -78,8 +83,18 @@ func newMetrics() *metrics {
 	for _, r := range fallbackReasons {
 		mt.fallbacks.WithLabelValues(r)
 	}
+	mt.verifications = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "strata_node_layer_verifications_total",
+		Help: "Background verifications of lazy layers against their layer blobs, by result: verified, refused (the expansion is not the layer's: the layer is refused), failed (could not be made; tried again).",
+	}, []string{"result"})
+	for _, r := range []string{verifyOK, verifyRefused, verifyFailed} {
+		mt.verifications.WithLabelValues(r)
+	}
 	return mt
 }
+
+// verified counts a verification with result (a verify* constant).
+func (mt *metrics) verified(result string) { mt.verifications.WithLabelValues(result).Inc() }
 
 // missed is layerfs.Options.ReadMiss.
 func (mt *metrics) missed(wait time.Duration) { mt.readMiss.Observe(wait.Seconds()) }
@@ -134,7 +149,7 @@ func desc(name, help string, labels ...string) *prometheus.Desc {
 
 var (
 	descFetched = desc("strata_node_fetched_bytes_total",
-		"Bytes fetched from registries, by what fetched them: frames (lazy layers' reads, readahead and prefetches), pack (start-up packs), completion (background completion), layer (fallback downloads of whole layer blobs).", "via")
+		"Bytes fetched from registries, by what fetched them: frames (lazy layers' reads, readahead and prefetches), pack (start-up packs), completion (background completion), layer (fallback downloads of whole layer blobs), verify (background verification of lazy layers).", "via")
 	descRequests    = desc("strata_node_frame_requests_total", "Ranged requests for frames of lazy layers that succeeded.")
 	descFetchErrors = desc("strata_node_frame_request_errors_total", "Ranged requests for frames of lazy layers that failed (errors, timeouts, short reads), each retry counted.")
 	descCorrupt     = desc("strata_node_corrupt_frames_total", "Frames from registries that failed verification.")
@@ -175,6 +190,7 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	}
 	c.m.metrics.readMiss.Describe(ch)
 	c.m.metrics.fallbacks.Describe(ch)
+	c.m.metrics.verifications.Describe(ch)
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
@@ -223,6 +239,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(descFetched, m.starts.PackBytes(), "pack")
 	counter(descFetched, bg.Fetched, "completion")
 	counter(descFetched, m.metrics.layerBytes.Load(), "layer")
+	counter(descFetched, m.metrics.verifyBytes.Load(), "verify")
 	counter(descRequests, fs.Requests)
 	counter(descFetchErrors, fs.SourceErrors)
 	counter(descCorrupt, fs.CorruptFrames)
@@ -255,6 +272,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	m.metrics.readMiss.Collect(ch)
 	m.metrics.fallbacks.Collect(ch)
+	m.metrics.verifications.Collect(ch)
 }
 
 // leaseKind is the kind of lease id (AcquireRequest.ID): container, mount

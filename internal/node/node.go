@@ -102,6 +102,17 @@ type Options struct {
 	// see layerfs.Completer). 0: 256 MiB; never more than a quarter of
 	// CacheSize; negative: none.
 	CompleteMax int64
+	// VerifyLayers is whether the node checks that the expansion of each
+	// lazy layer it mounts is the layer's (see verify.go):
+	// VerifyBackground (the default) fetches the layer blob once the
+	// node is quiet, expands it again and compares; a layer whose
+	// expansion differs is refused (reads fail with EIO) and pulled
+	// whole when next used. VerifyOff trusts the expansion's claims.
+	VerifyLayers string
+	// VerifyQuiet is how long the node must have been idle (no start, no
+	// read of a lazy layer, no background completion or download) before
+	// a verification begins or goes on (default 10 s).
+	VerifyQuiet time.Duration
 }
 
 // Values of Options.Profiles.
@@ -145,6 +156,12 @@ type Manager struct {
 	starts *startup.Profiles
 	// metrics: see metrics.go.
 	metrics *metrics
+	// verify verifies lazy layers in the background (verify.go); nil
+	// when Options.VerifyLayers is VerifyOff.
+	verify *verifier
+	// detached: refused lazy layers still mounted for their users, no
+	// longer in layers.
+	detached map[*layer]bool
 }
 
 // Open opens the node state at opts.Root, cleaning up after a crashed
@@ -156,6 +173,13 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 	}
 	if opts.Profiles == "" {
 		opts.Profiles = ProfilesAuto
+	}
+	switch opts.VerifyLayers {
+	case "":
+		opts.VerifyLayers = VerifyBackground
+	case VerifyBackground, VerifyOff:
+	default:
+		return nil, fmt.Errorf("node: layer verification %q is not %s or %s", opts.VerifyLayers, VerifyBackground, VerifyOff)
 	}
 	for _, d := range []string{"layers", "images", "leases", "cache"} {
 		if err := os.MkdirAll(filepath.Join(opts.Root, d), 0o755); err != nil {
@@ -180,6 +204,7 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 		downloads: map[digest.Digest]*Download{},
 		decoded:   map[digest.Digest]*layerindex.Index{},
 		metrics:   newMetrics(),
+		detached:  map[*layer]bool{},
 	}
 	if m.mounter == nil {
 		m.mounter = KernelMounter{}
@@ -205,6 +230,9 @@ func Open(ctx context.Context, opts Options) (*Manager, error) {
 			maxFile = min(maxFile, opts.CacheSize/4)
 		}
 		m.complete = layerfs.NewCompleter(layerfs.CompleterOptions{Logger: log, MaxFile: maxFile, Fetched: m.addFetched})
+	}
+	if opts.VerifyLayers == VerifyBackground {
+		m.verify = newVerifier(m, opts.VerifyQuiet)
 	}
 	m.cleanStale()
 	m.reserveUnpacked()
@@ -239,6 +267,9 @@ func imagePath(root, ref string) string {
 
 // Close ends every lease and unmounts everything.
 func (m *Manager) Close(ctx context.Context) {
+	if m.verify != nil {
+		m.verify.close()
+	}
 	m.starts.Close(ctx)
 	for _, l := range m.Leases() {
 		// Keep the lease records: a restarted daemon restores them.
@@ -255,6 +286,10 @@ func (m *Manager) Close(ctx context.Context) {
 		layers = append(layers, l)
 	}
 	m.layers = map[digest.Digest]*layer{}
+	for l := range m.detached {
+		layers = append(layers, l)
+	}
+	m.detached = map[*layer]bool{}
 	for _, l := range layers {
 		m.retire(l)
 		if l.linger != nil {

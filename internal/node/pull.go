@@ -29,9 +29,7 @@ func (m *Manager) Pull(ctx context.Context, ref string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	if m.complete != nil {
-		m.complete.Busy()
-	}
+	m.busy()
 	// A collection does not remove layers this pull saves before its
 	// image record is written.
 	m.gcMu.RLock()
