@@ -59,6 +59,7 @@ func (g *globalFlags) dial(cmd *cobra.Command) (*nodeapi.Client, error) {
 
 func newDaemonCmd(g *globalFlags) *cobra.Command {
 	var idle, linger time.Duration
+	var verify string
 	cmd := &cobra.Command{
 		Use:    "daemon",
 		Short:  "Run the node daemon that serves layer mounts (started on demand by other commands)",
@@ -83,7 +84,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 			defer unlock()
 			m, err := node.Open(cmd.Context(), node.Options{
 				Root: g.root, CacheSize: size, Logger: log, FetchTimeout: g.fetchTimeout, Profiles: g.profiles,
-				Linger: linger,
+				Linger: linger, VerifyLayers: verify,
 				Remote: remote.New(remote.Options{Hosts: &remote.Hosts{Dir: g.hostsDir}, Credentials: remote.DockerCredentials(log), Logger: log}),
 			})
 			if err != nil {
@@ -101,6 +102,7 @@ func newDaemonCmd(g *globalFlags) *cobra.Command {
 		},
 	}
 	cmd.Flags().DurationVar(&idle, "idle-timeout", 30*time.Second, "exit after this long with nothing mounted (0: never)")
+	cmd.Flags().StringVar(&verify, "verify-layers", node.VerifyBackground, "check that each lazy layer's expansion is the layer's: background (once the node is quiet, fetch the layer blob, expand it again and compare; a layer that differs is refused and pulled whole), off (trust the expansion's claims)")
 	cmd.Flags().DurationVar(&linger, "layer-linger", time.Minute, "keep a lazy layer mounted this long after its last container or mount ends, so the next one finds the kernel's caches of it warm (0: unmount at once)")
 	return cmd
 }
