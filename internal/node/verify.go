@@ -104,7 +104,8 @@ type verifier struct {
 	busyAt   atomic.Int64 // Unix ns of the last activity
 	busyMu   sync.Mutex
 	busyCh   chan struct{} // closed and replaced by busy
-	activity int64         // the counters seen last (poll)
+	pollMu   sync.Mutex
+	activity int64 // the counters seen last (poll), under pollMu
 
 	mu      sync.Mutex
 	queue   []*verifyJob
@@ -169,8 +170,11 @@ func (v *verifier) poll() {
 		bg := m.complete.Stats()
 		n += bg.Fetched + int64(bg.Pending)<<40
 	}
-	if n != v.activity {
-		v.activity = n
+	v.pollMu.Lock()
+	changed := n != v.activity
+	v.activity = n
+	v.pollMu.Unlock()
+	if changed {
 		v.busy()
 	}
 }
