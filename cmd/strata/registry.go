@@ -26,7 +26,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{Use: "registry", Short: "Run the strata registry"}
 	var addr, root, cert, key string
 	var workers int
-	var htpasswd string
+	var htpasswd, accessFile, authMode, tokenRealm, tokenIssuer, tokenService, tokenCert string
 	var anonPull bool
 	var upstream, upUser, upPassFile string
 	var upTTL, idle, reqTimeout time.Duration
@@ -51,10 +51,32 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 			metrics := registry.NewMetrics()
 			cfg := registry.ServeConfig{Store: st, Logger: log, Metrics: metrics, TLSCert: cert, TLSKey: key, AnonymousPull: anonPull,
 				IdleTimeout: idle, MaxConnections: maxConns}
-			if htpasswd != "" {
+			switch {
+			case authMode == "token":
+				if htpasswd != "" || accessFile != "" {
+					return usageError{cmd, fmt.Errorf("--auth token takes no --htpasswd or --access: the token server decides")}
+				}
+				if cfg.Token, err = registry.NewTokenAuth(tokenRealm, tokenIssuer, tokenService, tokenCert); err != nil {
+					return usageError{cmd, err}
+				}
+			case authMode == "htpasswd" || authMode == "" && htpasswd != "":
+				if htpasswd == "" {
+					return usageError{cmd, fmt.Errorf("--auth htpasswd needs --htpasswd FILE")}
+				}
 				if cfg.Users, err = registry.LoadHtpasswd(htpasswd); err != nil {
 					return err
 				}
+				if accessFile != "" {
+					if cfg.Access, err = registry.LoadAccess(accessFile); err != nil {
+						return err
+					}
+				}
+			case authMode == "" || authMode == "none":
+				if accessFile != "" {
+					return usageError{cmd, fmt.Errorf("--access needs --htpasswd")}
+				}
+			default:
+				return usageError{cmd, fmt.Errorf("--auth %q: want none, htpasswd or token", authMode)}
 			}
 			var mir *mirror.Mirror
 			exp, err := expand.New(st, expand.Options{
@@ -97,6 +119,12 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
 	serve.Flags().StringVar(&htpasswd, "htpasswd", "", "require basic auth with the bcrypt accounts of this htpasswd file")
 	serve.Flags().BoolVar(&anonPull, "anonymous-pull", false, "with --htpasswd: let anyone pull, only accounts push and delete")
+	serve.Flags().StringVar(&accessFile, "access", "", "with --htpasswd: a TOML file of each account's repositories and actions (docs/security.md); accounts it does not name may do nothing")
+	serve.Flags().StringVar(&authMode, "auth", "", "none, htpasswd (basic auth with --htpasswd; the default when it is given) or token (bearer tokens of a token server: --token-*)")
+	serve.Flags().StringVar(&tokenRealm, "token-realm", "", "with --auth token: the token server's URL clients are sent to")
+	serve.Flags().StringVar(&tokenIssuer, "token-issuer", "", "with --auth token: the issuer (iss) tokens must name")
+	serve.Flags().StringVar(&tokenService, "token-service", "", "with --auth token: this registry's service name (the tokens' audience)")
+	serve.Flags().StringVar(&tokenCert, "token-cert", "", "with --auth token: PEM certificates or public keys whose keys sign the tokens")
 	serve.Flags().IntVar(&workers, "expand-workers", 2, "layers expanded concurrently")
 	serve.Flags().DurationVar(&idle, "idle-timeout", 2*time.Minute, "close keep-alive connections idle this long")
 	serve.Flags().IntVar(&maxConns, "max-connections", 1024, "connections served at once (more wait to be accepted)")

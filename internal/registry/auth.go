@@ -2,6 +2,7 @@ package registry
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"net"
@@ -138,46 +139,99 @@ func clientOf(r *http.Request) string {
 	return host
 }
 
-// RequireAuth wraps h so that every /v2/ request needs valid basic
-// credentials, except reads (GET, HEAD, and the layer-mount POST, which is a
-// read) when anonymousPull is set. /metrics is not wrapped. Failures cost
-// the server little (see checker).
-func RequireAuth(h http.Handler, users Users, anonymousPull bool) http.Handler {
-	return requireAuth(h, newChecker(users), anonymousPull)
+// AuthConfig says who may do what on a registry (Authorize).
+type AuthConfig struct {
+	// Users are the accounts of basic authentication (htpasswd).
+	Users Users
+	// Access, with Users, restricts each account to its grants (an access
+	// file); nil: every account may do everything.
+	Access Access
+	// AnonymousPull lets clients without credentials pull (with Users).
+	AnonymousPull bool
+	// Token, instead of Users, checks bearer tokens of a token server.
+	Token *TokenAuth
 }
 
-func requireAuth(h http.Handler, c *checker, anonymousPull bool) http.Handler {
+// RequireAuth wraps h so that every /v2/ request needs valid basic
+// credentials, except reads when anonymousPull is set (Authorize with
+// users only).
+func RequireAuth(h http.Handler, users Users, anonymousPull bool) http.Handler {
+	return Authorize(h, AuthConfig{Users: users, AnonymousPull: anonymousPull})
+}
+
+// Authorize wraps h so that every /v2/ request is checked against what it
+// needs (needOf: the actions on its repository): basic credentials against
+// the accounts and their grants, or bearer tokens against what they grant.
+// A client that did not authenticate is challenged (401); an account
+// without the grant is denied (403); a token without the scope is
+// challenged again for it (401, insufficient_scope), as distribution does.
+// The base route /v2/ always challenges clients that did not
+// authenticate: they learn from it how to. /metrics is not wrapped.
+// Failures cost the server little (see checker).
+func Authorize(h http.Handler, cfg AuthConfig) http.Handler {
+	return authorize(h, cfg, newChecker(cfg.Users))
+}
+
+func authorize(h http.Handler, cfg AuthConfig, c *checker) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if anonymousPull && isRead(r) {
-			h.ServeHTTP(w, r)
-			return
-		}
-		if user, pass, ok := r.BasicAuth(); ok {
-			valid, limited := c.check(clientOf(r), user, pass)
-			if valid {
-				h.ServeHTTP(w, r)
-				return
+		n := needOf(r)
+		rt, _ := parseRoute(r.URL.Path)
+		base := rt.kind == "base"
+		var grants Grants
+		identified := false
+		if cfg.Token != nil {
+			if auth := r.Header.Get("Authorization"); strings.HasPrefix(auth, "Bearer ") {
+				gs, err := cfg.Token.verify(strings.TrimPrefix(auth, "Bearer "))
+				if err != nil {
+					w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.scope(), "invalid_token"))
+					writeError(w, r, newErr(http.StatusUnauthorized, codeUnauthorized, "invalid token: "+err.Error()))
+					return
+				}
+				grants, identified = gs, true
 			}
-			if limited {
+		} else if user, pass, ok := r.BasicAuth(); ok {
+			valid, limited := c.check(clientOf(r), user, pass)
+			switch {
+			case valid:
+				grants, identified = allGrants, true
+				if cfg.Access != nil {
+					grants = cfg.Access[user]
+				}
+			case limited:
 				w.Header().Set("Retry-After", "1")
 				writeError(w, r, newErr(http.StatusTooManyRequests, codeTooManyRequests, "too many failed authentications from this client"))
 				return
+			case cfg.AnonymousPull && !base:
+				// Credentials that do not check are no worse than none
+				// (a client sending stale ones pulls as anyone may).
+				grants = pullGrants
 			}
+		} else if cfg.AnonymousPull && !base {
+			grants = pullGrants
 		}
-		w.Header().Set("WWW-Authenticate", `Basic realm="strata"`)
-		writeError(w, r, newErr(http.StatusUnauthorized, codeUnauthorized, "authentication required"))
+		challenge := func(errCode, msg string) {
+			if cfg.Token != nil {
+				w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.scope(), errCode))
+			} else {
+				w.Header().Set("WWW-Authenticate", `Basic realm="strata"`)
+			}
+			writeError(w, r, newErr(http.StatusUnauthorized, codeUnauthorized, msg))
+		}
+		switch {
+		case !identified && (base || grants == nil):
+			challenge("", "authentication required")
+			return
+		case grants.allows(n):
+		case !identified:
+			challenge("", "authentication required")
+			return
+		case cfg.Token != nil:
+			challenge("insufficient_scope", "the token does not grant "+n.scope())
+			return
+		default:
+			writeError(w, r, newErr(http.StatusForbidden, codeDenied, "access to "+n.scope()+" denied"))
+			return
+		}
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), grantsKey{}, grants)))
 	})
-}
-
-// isRead tells reads from writes. The base route /v2/ always challenges:
-// clients learn from it whether to send credentials at all.
-func isRead(r *http.Request) bool {
-	rt, ok := parseRoute(r.URL.Path)
-	if ok && rt.kind == "base" {
-		return false
-	}
-	if r.Method == http.MethodGet || r.Method == http.MethodHead {
-		return true
-	}
-	return ok && r.Method == http.MethodPost && rt.kind == "ext" && strings.HasSuffix(rt.rest, "/mount")
 }

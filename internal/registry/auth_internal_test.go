@@ -14,7 +14,7 @@ import (
 func TestAuthCost(t *testing.T) {
 	hash, _ := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
 	c := newChecker(Users{"alice": hash})
-	h := requireAuth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), c, false)
+	h := authorize(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), AuthConfig{Users: c.users}, c)
 	req := func(client, user, pass string) int {
 		r := httptest.NewRequest("PUT", "/v2/app/manifests/x", nil)
 		r.RemoteAddr = client + ":1234"

@@ -659,10 +659,11 @@ func (reg *Registry) startUpload(w http.ResponseWriter, r *http.Request, repo st
 	if mount := q.Get("mount"); mount != "" {
 		d, err := digest.Parse(mount)
 		if err == nil {
-			// Only from a named repository that holds the blob: a mount
-			// by digest alone would let anyone link any blob.
+			// Only from a named repository that holds the blob, and that
+			// the client may pull from: a mount by digest alone, or from
+			// a repository it cannot read, would let it read any blob.
 			from := q.Get("from")
-			if validName(from) {
+			if validName(from) && mayPull(r.Context(), from) {
 				if err := reg.store.MountBlob(r.Context(), repo, from, d); err == nil {
 					blobCreated(w, repo, d)
 					return nil

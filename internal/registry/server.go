@@ -24,6 +24,11 @@ type ServeConfig struct {
 	Users Users
 	// AnonymousPull lets requests without credentials read when Users is set.
 	AnonymousPull bool
+	// Access restricts the accounts of Users to their grants (nil: all).
+	Access Access
+	// Token, if set, checks bearer tokens of a token server instead of
+	// Users.
+	Token *TokenAuth
 	// TLSCert and TLSKey switch on HTTPS.
 	TLSCert, TLSKey string
 	// IdleTimeout closes keep-alive connections idle this long (default
@@ -41,8 +46,8 @@ func Handler(reg *Registry, cfg ServeConfig) http.Handler {
 	}
 	mux := http.NewServeMux()
 	var h http.Handler = reg
-	if cfg.Users != nil {
-		h = RequireAuth(h, cfg.Users, cfg.AnonymousPull)
+	if cfg.Users != nil || cfg.Token != nil {
+		h = Authorize(h, AuthConfig{Users: cfg.Users, Access: cfg.Access, AnonymousPull: cfg.AnonymousPull, Token: cfg.Token})
 	}
 	if cfg.Metrics != nil {
 		h = cfg.Metrics.Wrap(h, reg.HasExtension)
