@@ -393,3 +393,39 @@ func TestContribUnits(t *testing.T) {
 		}
 	}
 }
+
+// TestRegistryAuthFlags: the registry's authentication flags (and their
+// config keys) that do not go together are refused before it serves,
+// rather than one of them silently ignored.
+func TestRegistryAuthFlags(t *testing.T) {
+	dir := t.TempDir()
+	htpasswd := filepath.Join(dir, "htpasswd")
+	os.WriteFile(htpasswd, []byte("alice:$2y$05$abcdefghijklmnopqrstuuJ1pGq3hC5o8fN9b0rWm0H7p1cz0e6a\n"), 0o600)
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"token with htpasswd", []string{"--auth", "token", "--htpasswd", htpasswd}, "--auth token takes no --htpasswd"},
+		{"token with anonymous pull", []string{"--auth", "token", "--anonymous-pull"}, "--auth token takes no"},
+		{"token without its flags", []string{"--auth", "token", "--token-realm", "https://auth.example/token"}, "needs --token-realm, --token-issuer, --token-service and --token-cert"},
+		{"token flags without token", []string{"--htpasswd", htpasswd, "--token-cert", "x.pem"}, "need --auth token"},
+		{"access without htpasswd", []string{"--access", "access.toml"}, "--access and --anonymous-pull need it"},
+		{"anonymous pull without htpasswd", []string{"--anonymous-pull"}, "need it"},
+		{"none with htpasswd", []string{"--auth", "none", "--htpasswd", htpasswd}, "--auth none takes no --htpasswd"},
+		{"htpasswd mode without the file", []string{"--auth", "htpasswd"}, "needs --htpasswd FILE"},
+		{"unknown mode", []string{"--auth", "ldap"}, `--auth "ldap"`},
+		{"config file", []string{"--config", writeConfig(t, "[registry]\nauth = \"token\"\ntoken-realm = \"https://auth.example/token\"\n")}, "needs --token-realm, --token-issuer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"registry", "serve", "--root", t.TempDir(), "--addr", "127.0.0.1:0"}, tc.args...)
+			var stderr strings.Builder
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel() // should it serve, it stops at once
+			code := execute(ctx, newRootCmd(), args, &stderr)
+			if code == 0 || !strings.Contains(stderr.String(), tc.want) {
+				t.Errorf("exit status %d, stderr %q; want an error naming %q", code, stderr.String(), tc.want)
+			}
+		})
+	}
+}

@@ -53,8 +53,8 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 				IdleTimeout: idle, MaxConnections: maxConns}
 			switch {
 			case authMode == "token":
-				if htpasswd != "" || accessFile != "" {
-					return usageError{cmd, fmt.Errorf("--auth token takes no --htpasswd or --access: the token server decides")}
+				if htpasswd != "" || accessFile != "" || anonPull {
+					return usageError{cmd, fmt.Errorf("--auth token takes no --htpasswd, --access or --anonymous-pull: the token server decides (anonymous pulls are its tokens without credentials)")}
 				}
 				if cfg.Token, err = registry.NewTokenAuth(tokenRealm, tokenIssuer, tokenService, tokenCert); err != nil {
 					return usageError{cmd, err}
@@ -72,11 +72,15 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 					}
 				}
 			case authMode == "" || authMode == "none":
-				if accessFile != "" {
-					return usageError{cmd, fmt.Errorf("--access needs --htpasswd")}
+				if htpasswd != "" || accessFile != "" || anonPull {
+					// (--htpasswd without --auth is the case above.)
+					return usageError{cmd, fmt.Errorf("--auth none takes no --htpasswd, and --access and --anonymous-pull need it")}
 				}
 			default:
 				return usageError{cmd, fmt.Errorf("--auth %q: want none, htpasswd or token", authMode)}
+			}
+			if authMode != "token" && tokenRealm+tokenIssuer+tokenService+tokenCert != "" {
+				return usageError{cmd, fmt.Errorf("--token-realm, --token-issuer, --token-service and --token-cert need --auth token")}
 			}
 			var mir *mirror.Mirror
 			exp, err := expand.New(st, expand.Options{

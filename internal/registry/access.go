@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -84,8 +85,9 @@ func needOf(r *http.Request) need {
 type Grants []Grant
 
 // A Grant gives Actions on the repositories Pattern matches: a name, a
-// path.Match pattern ("team/*": one level), a prefix ending in "/**"
-// ("team/**": every repository under team/), or "**" (all). Actions may
+// path.Match pattern ("team/*": one level), a pattern of the first
+// components followed by "/**" ("team/**": every repository under team/,
+// at any depth, not team itself; "*/ci/**"), or "**" (all). Actions may
 // hold "*" for all three. Catalog gives the catalog.
 type Grant struct {
 	Pattern string
@@ -94,14 +96,37 @@ type Grant struct {
 }
 
 func (g Grant) matches(repo string) bool {
-	switch {
-	case g.Pattern == "**":
+	if g.Pattern == "**" {
 		return true
-	case strings.HasSuffix(g.Pattern, "/**"):
-		return strings.HasPrefix(repo, strings.TrimSuffix(g.Pattern, "**"))
+	}
+	if prefix, ok := strings.CutSuffix(g.Pattern, "/**"); ok {
+		// The first components of repo match prefix, and more follow.
+		n := strings.Count(prefix, "/") + 1
+		parts := strings.SplitN(repo, "/", n+1)
+		if len(parts) <= n {
+			return false
+		}
+		ok, _ := path.Match(prefix, strings.Join(parts[:n], "/"))
+		return ok
 	}
 	ok, _ := path.Match(g.Pattern, repo)
 	return ok
+}
+
+// checkPattern reports what is wrong with a grant's pattern: path.Match
+// syntax, and "**" anywhere but as the whole pattern or its last component
+// (where path.Match would take it for "*").
+func checkPattern(pattern string) error {
+	if pattern == "" {
+		return errors.New("empty pattern")
+	}
+	if _, err := path.Match(pattern, ""); err != nil {
+		return err
+	}
+	if strings.Contains(strings.TrimSuffix(pattern, "**"), "**") || strings.HasSuffix(pattern, "**") && pattern != "**" && !strings.HasSuffix(pattern, "/**") {
+		return errors.New(`"**" stands only for the whole pattern or its last component ("team/**")`)
+	}
+	return nil
 }
 
 // allows reports whether gs give every action of n.
@@ -148,7 +173,9 @@ type Access map[string]Grants
 //	[ci]
 //	"team/app" = ["pull", "push"]
 //
-// An account the file does not name may do nothing.
+// An account the file does not name may do nothing, except pull when
+// anonymous pulls are allowed (AuthConfig.AnonymousPull): an account may
+// always do what anyone may.
 func LoadAccess(file string) (Access, error) {
 	b, err := os.ReadFile(file)
 	if err != nil {
@@ -168,22 +195,19 @@ func LoadAccess(file string) (Access, error) {
 		sort.Strings(keys)
 		for _, pattern := range keys {
 			v := table[pattern]
-			if pattern == "catalog" {
-				on, ok := v.(bool)
-				if !ok {
-					return nil, fmt.Errorf("access file %s: [%s] catalog: want true or false", file, account)
-				}
+			if on, ok := v.(bool); ok && pattern == "catalog" {
 				if on {
 					gs = append(gs, Grant{Catalog: true})
 				}
 				continue
 			}
-			if _, err := path.Match(pattern, ""); err != nil {
+			// (A list under "catalog" is the repository of that name.)
+			if err := checkPattern(pattern); err != nil {
 				return nil, fmt.Errorf("access file %s: [%s] %q: %v", file, account, pattern, err)
 			}
 			list, ok := v.([]any)
 			if !ok {
-				return nil, fmt.Errorf("access file %s: [%s] %q: want a list of actions (pull, push, delete, *)", file, account, pattern)
+				return nil, fmt.Errorf("access file %s: [%s] %q: want a list of actions (pull, push, delete, *), or catalog = true or false", file, account, pattern)
 			}
 			g := Grant{Pattern: pattern}
 			for _, a := range list {

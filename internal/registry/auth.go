@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -130,6 +131,17 @@ func (c *checker) check(client, user, pass string) (valid, limited bool) {
 	return false, false
 }
 
+// bearer returns the token of r's "Authorization: Bearer" header (the
+// scheme's name in any case, as RFC 9110 has it).
+func bearer(r *http.Request) (string, bool) {
+	scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	tok = strings.TrimSpace(tok)
+	return tok, tok != ""
+}
+
 // clientOf is the address a request comes from, without its port.
 func clientOf(r *http.Request) string {
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
@@ -180,8 +192,8 @@ func authorize(h http.Handler, cfg AuthConfig, c *checker) http.Handler {
 		var grants Grants
 		identified := false
 		if cfg.Token != nil {
-			if auth := r.Header.Get("Authorization"); strings.HasPrefix(auth, "Bearer ") {
-				gs, err := cfg.Token.verify(strings.TrimPrefix(auth, "Bearer "))
+			if raw, ok := bearer(r); ok {
+				gs, err := cfg.Token.verify(raw)
 				if err != nil {
 					w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.scope(), "invalid_token"))
 					writeError(w, r, newErr(http.StatusUnauthorized, codeUnauthorized, "invalid token: "+err.Error()))
@@ -196,7 +208,15 @@ func authorize(h http.Handler, cfg AuthConfig, c *checker) http.Handler {
 				grants, identified = allGrants, true
 				if cfg.Access != nil {
 					grants = cfg.Access[user]
+					if cfg.AnonymousPull {
+						// An account may do at least what anyone may.
+						grants = slices.Concat(grants, pullGrants)
+					}
 				}
+			case limited && cfg.AnonymousPull && !base && pullGrants.allows(n):
+				// A client whose stale credentials failed too often
+				// still reads as anyone may: nothing was compared.
+				grants = pullGrants
 			case limited:
 				w.Header().Set("Retry-After", "1")
 				writeError(w, r, newErr(http.StatusTooManyRequests, codeTooManyRequests, "too many failed authentications from this client"))

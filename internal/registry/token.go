@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -92,7 +93,7 @@ func (t *TokenAuth) verify(raw string) (Grants, error) {
 			// An exact name: a token is for the scopes asked, not
 			// patterns.
 			gs = append(gs, Grant{Pattern: escapeMatch(a.Name), Actions: a.Actions})
-		case a.Type == "registry" && a.Name == "catalog":
+		case a.Type == "registry" && a.Name == "catalog" && slices.Contains(a.Actions, "*"):
 			gs = append(gs, Grant{Catalog: true})
 		}
 	}
