@@ -17,6 +17,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/strata-oci/strata/api"
+	"github.com/strata-oci/strata/internal/store"
 	"github.com/strata-oci/strata/layerindex"
 )
 
@@ -248,7 +249,7 @@ func withPack(p *api.Profile, pack *api.Pack) *api.Profile {
 // frame once.
 type streamReader struct {
 	ix    *layerindex.Index
-	data  *os.File
+	data  store.Reader
 	layer int
 	frame int    // the frame decoded last, -1 none
 	buf   []byte // its content

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"strings"
 	"time"
@@ -31,7 +32,7 @@ func OpenShared(root string) (*Store, error) {
 			return nil, fmt.Errorf("%s is not a registry root (no %s/)", root, d)
 		}
 	}
-	return &Store{root: root, uploads: map[string]*upload{}}, nil
+	return &Store{d: NewFilesystem(root), local: root, uploads: map[string]*upload{}}, nil
 }
 
 // An Entry is a blob, link or revision with its modification time.
@@ -41,44 +42,28 @@ type Entry struct {
 	ModTime time.Time
 }
 
-// digestEntries lists files <dir>/<alg>/<hex> as entries.
-func digestEntries(dir string, nested bool) ([]Entry, error) {
-	var out []Entry
-	algs, err := os.ReadDir(dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+// digestEntries lists files <dir>/<alg>/<hex> (nested: <dir>/<alg>/<hex[:2]>/<hex>)
+// as entries.
+func (s *Store) digestEntries(ctx context.Context, dir string, nested bool) ([]Entry, error) {
+	files, err := s.d.List(ctx, dir, true)
 	if err != nil {
 		return nil, err
 	}
-	for _, a := range algs {
-		base := filepath.Join(dir, a.Name())
-		var files []string
-		if nested { // blobs/<alg>/<hex[:2]>/<hex>
-			shards, _ := os.ReadDir(base)
-			for _, sh := range shards {
-				ents, _ := os.ReadDir(filepath.Join(base, sh.Name()))
-				for _, e := range ents {
-					files = append(files, filepath.Join(sh.Name(), e.Name()))
-				}
-			}
-		} else {
-			ents, _ := os.ReadDir(base)
-			for _, e := range ents {
-				files = append(files, e.Name())
-			}
+	depth := 2
+	if nested {
+		depth = 3
+	}
+	var out []Entry
+	for _, f := range files {
+		parts := strings.Split(strings.TrimPrefix(f.Key, dir+"/"), "/")
+		if len(parts) != depth || f.Dir {
+			continue
 		}
-		for _, f := range files {
-			d := digest.Digest(a.Name() + ":" + filepath.Base(f))
-			if d.Validate() != nil {
-				continue
-			}
-			fi, err := os.Lstat(filepath.Join(base, f))
-			if err != nil || !fi.Mode().IsRegular() {
-				continue
-			}
-			out = append(out, Entry{Digest: d, Size: fi.Size(), ModTime: fi.ModTime()})
+		d := digest.Digest(parts[0] + ":" + parts[len(parts)-1])
+		if d.Validate() != nil {
+			continue
 		}
+		out = append(out, Entry{Digest: d, Size: f.Size, ModTime: f.ModTime})
 	}
 	return out, nil
 }
@@ -87,40 +72,28 @@ func digestEntries(dir string, nested bool) ([]Entry, error) {
 // with manifests (Repositories) and those with only blobs (a push that has
 // not reached its manifest, or one that never will).
 func (s *Store) StoredRepositories(ctx context.Context) ([]string, error) {
-	base := filepath.Join(s.root, "repositories")
 	var repos []string
-	err := filepath.WalkDir(base, func(p string, de fs.DirEntry, err error) error {
-		if err != nil || !de.IsDir() || p == base {
-			return nil
+	err := s.walkRepositories(ctx, func(repo string, names map[string]bool) {
+		if names["_manifests"] || names["_layers"] {
+			repos = append(repos, repo)
 		}
-		if strings.HasPrefix(de.Name(), "_") {
-			return fs.SkipDir
-		}
-		for _, sub := range []string{"_manifests", "_layers"} {
-			if _, err := os.Stat(filepath.Join(p, sub)); err == nil {
-				rel, _ := filepath.Rel(base, p)
-				repos = append(repos, filepath.ToSlash(rel))
-				break
-			}
-		}
-		return nil
 	})
 	return repos, err
 }
 
 // Blobs lists every blob of the store.
 func (s *Store) Blobs(ctx context.Context) ([]Entry, error) {
-	return digestEntries(filepath.Join(s.root, "blobs"), true)
+	return s.digestEntries(ctx, "blobs", true)
 }
 
 // Links lists the blobs linked into repo.
 func (s *Store) Links(ctx context.Context, repo string) ([]Entry, error) {
-	return digestEntries(s.repoPath(repo, "_layers"), false)
+	return s.digestEntries(ctx, repoKey(repo, "_layers"), false)
 }
 
 // Revisions lists the manifests of repo.
 func (s *Store) Revisions(ctx context.Context, repo string) ([]Entry, error) {
-	return digestEntries(s.repoPath(repo, "_manifests", "revisions"), false)
+	return s.digestEntries(ctx, repoKey(repo, "_manifests", "revisions"), false)
 }
 
 // References is what a manifest's content names: blobs (config, layers,
@@ -178,9 +151,9 @@ func (s *Store) Touch(repo string, d digest.Digest) {
 	if validDigest(d) != nil {
 		return
 	}
-	now := time.Now()
-	os.Chtimes(s.layerLink(repo, d), now, now)
-	os.Chtimes(s.blobPath(d), now, now)
+	ctx := context.Background()
+	s.d.Touch(ctx, layerLink(repo, d))
+	s.d.Touch(ctx, blobKey(d))
 }
 
 // HasManifest reports whether manifest d is in repo.
@@ -188,24 +161,24 @@ func (s *Store) HasManifest(repo string, d digest.Digest) bool {
 	if validDigest(d) != nil {
 		return false
 	}
-	_, err := os.Stat(s.revisionLink(repo, d))
-	return err == nil
+	ok, _ := s.exists(context.Background(), revisionLink(repo, d))
+	return ok
 }
 
-// older reports whether the file at p exists and was last modified before
-// cutoff.
-func older(p string, cutoff time.Time) bool {
-	fi, err := os.Lstat(p)
-	return err == nil && fi.ModTime().Before(cutoff)
+// older reports whether key exists and was last modified before cutoff.
+func (s *Store) older(ctx context.Context, key string, cutoff time.Time) bool {
+	fi, err := s.d.Stat(ctx, key)
+	return err == nil && fi.ModTime.Before(cutoff)
 }
 
 // RemoveLink removes blob d's link from repo if it is older than cutoff.
 func (s *Store) RemoveLink(repo string, d digest.Digest, cutoff time.Time) (bool, error) {
-	p := s.layerLink(repo, d)
-	if validDigest(d) != nil || !older(p, cutoff) {
+	ctx := context.Background()
+	p := layerLink(repo, d)
+	if validDigest(d) != nil || !s.older(ctx, p, cutoff) {
 		return false, nil
 	}
-	if err := os.Remove(p); err != nil {
+	if err := s.d.Delete(ctx, p); err != nil {
 		return false, err
 	}
 	return true, nil
@@ -214,14 +187,14 @@ func (s *Store) RemoveLink(repo string, d digest.Digest, cutoff time.Time) (bool
 // RemoveRevision removes manifest d from repo (its tags and referrers entry
 // too, as DeleteManifest does) if its record is older than cutoff.
 func (s *Store) RemoveRevision(ctx context.Context, repo string, d digest.Digest, cutoff time.Time) (bool, error) {
-	if validDigest(d) != nil || !older(s.revisionLink(repo, d), cutoff) {
+	if validDigest(d) != nil || !s.older(ctx, revisionLink(repo, d), cutoff) {
 		return false, nil
 	}
 	if err := s.DeleteManifest(ctx, repo, d); err != nil {
 		if errors.Is(err, ErrManifestUnknown) {
 			// The revision record is there but the content is not (a
 			// crash between the two): the record alone goes.
-			return os.Remove(s.revisionLink(repo, d)) == nil, nil
+			return s.d.Delete(ctx, revisionLink(repo, d)) == nil, nil
 		}
 		return false, err
 	}
@@ -233,54 +206,53 @@ func (s *Store) RemoveRevision(ctx context.Context, repo string, d digest.Digest
 // time checked again: a writer that made it young meanwhile (it was pushed
 // or mounted again) keeps it.
 func (s *Store) RemoveBlob(d digest.Digest, cutoff time.Time) (int64, error) {
-	p := s.blobPath(d)
-	if validDigest(d) != nil || !older(p, cutoff) {
+	ctx := context.Background()
+	p := blobKey(d)
+	if validDigest(d) != nil || !s.older(ctx, p, cutoff) {
 		return 0, nil
 	}
-	tmp := filepath.Join(s.root, "tmp", "gc-"+d.Encoded())
-	if err := os.Rename(p, tmp); err != nil {
+	tmp := path.Join("tmp", "gc-"+d.Encoded())
+	if err := s.d.Move(ctx, p, tmp); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return 0, nil
 		}
 		return 0, err
 	}
-	fi, err := os.Lstat(tmp)
+	fi, err := s.d.Stat(ctx, tmp)
 	if err != nil {
 		return 0, err
 	}
-	if !fi.ModTime().Before(cutoff) {
+	if !fi.ModTime.Before(cutoff) {
 		// Made young between the check and the move: put it back
 		// (unless a writer stored it again meanwhile, which is the same).
-		if err := os.Rename(tmp, p); err != nil && !errors.Is(err, fs.ErrExist) {
+		if err := s.d.Move(ctx, tmp, p); err != nil && !errors.Is(err, fs.ErrExist) {
 			return 0, err
 		}
 		return 0, nil
 	}
-	if err := os.Remove(tmp); err != nil {
+	if err := s.d.Delete(ctx, tmp); err != nil {
 		return 0, err
 	}
 	// Shard directories stay: one is shared by 1/256 of all blobs.
-	return fi.Size(), nil
+	return fi.Size, nil
 }
 
 // RemoveTemp removes temporary files of tmp/ older than cutoff (those of
 // processes that died; the ones in use are written to) and reports how
 // many and their bytes.
 func (s *Store) RemoveTemp(cutoff time.Time) (n int, bytes int64, err error) {
-	dir := filepath.Join(s.root, "tmp")
-	ents, err := os.ReadDir(dir)
+	ctx := context.Background()
+	ents, err := s.d.List(ctx, "tmp", false)
 	if err != nil {
 		return 0, 0, err
 	}
 	for _, e := range ents {
-		p := filepath.Join(dir, e.Name())
-		fi, err := os.Lstat(p)
-		if err != nil || !fi.ModTime().Before(cutoff) {
+		if !e.ModTime.Before(cutoff) {
 			continue
 		}
-		if os.RemoveAll(p) == nil {
+		if s.d.Delete(ctx, e.Key) == nil {
 			n++
-			bytes += fi.Size()
+			bytes += e.Size
 		}
 	}
 	return n, bytes, nil
@@ -298,26 +270,23 @@ func (s *Store) RemoveEmptyRepositories(ctx context.Context) int {
 	for _, repo := range repos {
 		empty := true
 		for _, sub := range []string{"_layers", "_manifests", "_referrers"} {
-			filepath.WalkDir(s.repoPath(repo, sub), func(p string, de fs.DirEntry, err error) error {
-				if err == nil && !de.IsDir() {
-					empty = false
-					return fs.SkipAll
-				}
-				return nil
-			})
+			if files, err := s.d.List(ctx, repoKey(repo, sub), true); err != nil || len(files) > 0 {
+				empty = false
+			}
 		}
 		if !empty {
 			continue
 		}
 		for _, sub := range []string{"_layers", "_manifests", "_referrers"} {
-			os.RemoveAll(s.repoPath(repo, sub))
+			s.d.Delete(ctx, repoKey(repo, sub))
 		}
 		// The directory goes too, and its parents, unless they hold
 		// other repositories.
-		base := filepath.Join(s.root, "repositories")
-		for p := s.repoPath(repo); p != base && strings.HasPrefix(p, base); p = filepath.Dir(p) {
-			if os.Remove(p) != nil {
-				break
+		if r, ok := s.d.(dirRemover); ok {
+			for p := repoKey(repo); p != "repositories" && strings.HasPrefix(p, "repositories/"); p = path.Dir(p) {
+				if r.RemoveDir(p) != nil {
+					break
+				}
 			}
 		}
 		n++

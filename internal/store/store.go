@@ -1,14 +1,18 @@
-// Package store is the registry's storage: a content-addressed blob store on
-// the local filesystem, with repositories, tags, upload sessions and the
-// referrers index kept beside it as small files.
+// Package store is the registry's storage: a content-addressed blob store,
+// with repositories, tags, upload sessions and the referrers index kept
+// beside it as small files, on a Driver: one directory of the local
+// filesystem (Open), or a bucket of an S3-compatible object store (package
+// s3store), with the same layout as keys.
 //
-// Every write is atomic: content is written to a temporary file in the same
-// filesystem, fsynced, and renamed into place, so a crash or a killed upload
-// never leaves a partial blob or a half-written record visible. Blobs are
-// immutable once named by their digest; concurrent writers of the same blob
-// rename identical bytes over each other, which is harmless.
+// Every write is atomic: on the filesystem, content is written to a
+// temporary file in the same filesystem, fsynced, and renamed into place;
+// on an object store an object appears whole when its upload completes. So
+// a crash or a killed upload never leaves a partial blob or a half-written
+// record visible. Blobs are immutable once named by their digest and
+// verified before they are named; concurrent writers of the same blob
+// store identical bytes over each other, which is harmless.
 //
-// On-disk layout under the root directory:
+// Layout under the root directory (or the bucket's prefix):
 //
 //	<root>/
 //	  blobs/<alg>/<hex[0:2]>/<hex>          blob content, immutable, shared by all repositories
@@ -25,13 +29,22 @@
 //
 // Repository path components always start with a letter or digit, so they
 // never collide with the underscore-prefixed directories above.
+//
+// On an object store an upload session's data is a multipart upload, its
+// state kept beside it (uploads/<id>/data.upload, data.tail-<n>: see
+// s3store), and the session keeps its sha256 state too
+// (uploads/<id>/hashstate, at the size it covers), so that a session
+// continued by another process is verified at commit without reading its
+// bytes again. The filesystem keeps the layout above exactly: a session
+// continued after a restart is hashed again from its data file.
 package store
 
 import (
 	"context"
 	"crypto/rand"
-	_ "crypto/sha256" // digest algorithms the store accepts
-	_ "crypto/sha512"
+	"crypto/sha256"
+	_ "crypto/sha512" // digest algorithms the store accepts
+	"encoding"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -39,6 +52,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -47,7 +61,6 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"github.com/strata-oci/strata/internal/atomicfile"
 )
 
 // Sentinel errors. The registry maps them to OCI error codes.
@@ -59,17 +72,27 @@ var (
 	ErrDigestInvalid   = errors.New("digest invalid")
 	ErrSizeInvalid     = errors.New("size invalid")
 	ErrRangeInvalid    = errors.New("range invalid")
+	// ErrUnavailable: the storage failed to answer (an object store's
+	// network error, 5xx or throttling). The request may be retried.
+	ErrUnavailable = errors.New("storage unavailable")
 )
 
-// Store is a registry store rooted at one directory.
+// Store is a registry store on one driver.
 type Store struct {
-	root string
+	d Driver
+	// local is a directory of the local filesystem: the root of a
+	// filesystem store; for another driver the directory of temporary
+	// files (CreateTemp) and of state that is kept locally (Root).
+	local string
+	// persistHash: keep upload sessions' sha256 state beside them.
+	persistHash bool
+	redirect    bool
 
 	mu      sync.Mutex
 	uploads map[string]*upload // sessions seen by this process (hash state, lock)
 }
 
-// Open opens (creating if needed) the store at root.
+// Open opens (creating if needed) the store at root, on the filesystem.
 func Open(root string) (*Store, error) {
 	for _, d := range []string{"blobs", "uploads", "tmp", "repositories"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
@@ -82,35 +105,76 @@ func Open(root string) (*Store, error) {
 			os.RemoveAll(filepath.Join(root, "tmp", e.Name()))
 		}
 	}
-	return &Store{root: root, uploads: map[string]*upload{}}, nil
+	return &Store{d: NewFilesystem(root), local: root, uploads: map[string]*upload{}}, nil
 }
 
-// Root returns the store's root directory.
-func (s *Store) Root() string { return s.root }
+// Options are the options of a store on a driver other than the
+// filesystem (OpenDriver).
+type Options struct {
+	// LocalDir is a local directory for temporary files (CreateTemp:
+	// expansions in progress) and what is kept locally (Root: expansion
+	// state). Made if needed.
+	LocalDir string
+	// Redirect lets BlobURL answer with the driver's URLs of blobs (an
+	// object store's presigned GETs).
+	Redirect bool
+}
 
-func (s *Store) blobPath(d digest.Digest) string {
+// OpenDriver opens the store kept by driver d (an object store's: see
+// package s3store). Temporary files left in opts.LocalDir's tmp/ by a
+// crash are removed; those of the driver are not (other processes may be
+// writing them).
+func OpenDriver(d Driver, opts Options) (*Store, error) {
+	if opts.LocalDir == "" {
+		return nil, errors.New("open store: no local directory")
+	}
+	tmp := filepath.Join(opts.LocalDir, "tmp")
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	if ents, err := os.ReadDir(tmp); err == nil {
+		for _, e := range ents {
+			os.RemoveAll(filepath.Join(tmp, e.Name()))
+		}
+	}
+	_, isFS := d.(*Filesystem)
+	return &Store{d: d, local: opts.LocalDir, persistHash: !isFS, redirect: opts.Redirect, uploads: map[string]*upload{}}, nil
+}
+
+// Root returns the store's root directory: on the filesystem, where
+// everything is; on another driver, the local directory of its options.
+func (s *Store) Root() string { return s.local }
+
+// Driver returns the driver the store is kept by.
+func (s *Store) Driver() Driver { return s.d }
+
+func blobKey(d digest.Digest) string {
 	h := d.Encoded()
-	return filepath.Join(s.root, "blobs", string(d.Algorithm()), h[:2], h)
+	return path.Join("blobs", string(d.Algorithm()), h[:2], h)
 }
 
-func (s *Store) repoPath(repo string, elem ...string) string {
-	return filepath.Join(append([]string{s.root, "repositories", filepath.FromSlash(repo)}, elem...)...)
+func repoKey(repo string, elem ...string) string {
+	return path.Join(append([]string{"repositories", repo}, elem...)...)
 }
 
-func (s *Store) layerLink(repo string, d digest.Digest) string {
-	return s.repoPath(repo, "_layers", string(d.Algorithm()), d.Encoded())
+func layerLink(repo string, d digest.Digest) string {
+	return repoKey(repo, "_layers", string(d.Algorithm()), d.Encoded())
 }
 
-func (s *Store) revisionLink(repo string, d digest.Digest) string {
-	return s.repoPath(repo, "_manifests", "revisions", string(d.Algorithm()), d.Encoded())
+func revisionLink(repo string, d digest.Digest) string {
+	return repoKey(repo, "_manifests", "revisions", string(d.Algorithm()), d.Encoded())
 }
 
-func (s *Store) tagPath(repo, tag string) string {
-	return s.repoPath(repo, "_manifests", "tags", tag)
+func tagKey(repo, tag string) string {
+	return repoKey(repo, "_manifests", "tags", tag)
 }
 
-func (s *Store) referrersDir(repo string, subject digest.Digest) string {
-	return s.repoPath(repo, "_referrers", string(subject.Algorithm()), subject.Encoded())
+func referrersDir(repo string, subject digest.Digest) string {
+	return repoKey(repo, "_referrers", string(subject.Algorithm()), subject.Encoded())
+}
+
+func referrerKey(repo string, subject, d digest.Digest) string {
+	return path.Join(referrersDir(repo, subject), string(d.Algorithm())+"-"+d.Encoded())
 }
 
 // validDigest reports whether d is a well-formed digest of a supported algorithm.
@@ -121,45 +185,24 @@ func validDigest(d digest.Digest) error {
 	return nil
 }
 
-// writeFileAtomic writes data to path through a temporary file, fsync and rename.
-func (s *Store) writeFileAtomic(path string, data []byte) error {
-	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+// unknown is err as what a reader of the store is told: an unavailable
+// storage as such, anything else (a file that is not there) as sentinel.
+func unknown(err, sentinel error) error {
+	if errors.Is(err, ErrUnavailable) {
 		return err
 	}
-	f, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "w-")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(tmp)
-		return err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return s.rename(tmp, path)
+	return sentinel
 }
 
-// rename moves a finished temporary file into place and syncs the directory.
-func (s *Store) rename(tmp, path string) error {
-	if err := atomicfile.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		os.Remove(tmp)
-		return err
+func (s *Store) exists(ctx context.Context, key string) (bool, error) {
+	_, err := s.d.Stat(ctx, key)
+	if err == nil {
+		return true, nil
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return err
+	if errors.Is(err, ErrUnavailable) {
+		return false, err
 	}
-	atomicfile.SyncDir(filepath.Dir(path))
-	return nil
+	return false, nil
 }
 
 // ---- blobs ----
@@ -169,29 +212,48 @@ func (s *Store) StatBlob(ctx context.Context, repo string, d digest.Digest) (int
 	if err := validDigest(d); err != nil {
 		return 0, err
 	}
-	if _, err := os.Stat(s.layerLink(repo, d)); err != nil {
-		return 0, ErrBlobUnknown
+	if _, err := s.d.Stat(ctx, layerLink(repo, d)); err != nil {
+		return 0, unknown(err, ErrBlobUnknown)
 	}
-	fi, err := os.Stat(s.blobPath(d))
+	fi, err := s.d.Stat(ctx, blobKey(d))
 	if err != nil {
-		return 0, ErrBlobUnknown
+		return 0, unknown(err, ErrBlobUnknown)
 	}
-	return fi.Size(), nil
+	return fi.Size, nil
 }
 
-// OpenBlob opens blob d of repo for reading.
-func (s *Store) OpenBlob(ctx context.Context, repo string, d digest.Digest) (*os.File, error) {
+// OpenBlob opens blob d of repo for reading (on the filesystem, an
+// *os.File).
+func (s *Store) OpenBlob(ctx context.Context, repo string, d digest.Digest) (Reader, error) {
 	if err := validDigest(d); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(s.layerLink(repo, d)); err != nil {
-		return nil, ErrBlobUnknown
+	if _, err := s.d.Stat(ctx, layerLink(repo, d)); err != nil {
+		return nil, unknown(err, ErrBlobUnknown)
 	}
-	f, err := os.Open(s.blobPath(d))
+	f, err := s.d.Open(ctx, blobKey(d))
 	if err != nil {
-		return nil, ErrBlobUnknown
+		return nil, unknown(err, ErrBlobUnknown)
 	}
 	return f, nil
+}
+
+// BlobURL returns a URL that serves blob d of repo without the registry
+// in between, valid for a while (an object store's presigned GET), or ""
+// when the store gives none: the driver has none, or the store was not
+// opened with Options.Redirect.
+func (s *Store) BlobURL(ctx context.Context, repo string, d digest.Digest) (string, error) {
+	r, ok := s.d.(redirector)
+	if !ok || !s.redirect {
+		return "", nil
+	}
+	if err := validDigest(d); err != nil {
+		return "", err
+	}
+	if _, err := s.d.Stat(ctx, layerLink(repo, d)); err != nil {
+		return "", unknown(err, ErrBlobUnknown)
+	}
+	return r.URL(ctx, blobKey(d))
 }
 
 // DeleteBlob removes blob d from repo. The content stays in the shared blob
@@ -200,19 +262,23 @@ func (s *Store) DeleteBlob(ctx context.Context, repo string, d digest.Digest) er
 	if err := validDigest(d); err != nil {
 		return err
 	}
-	if err := os.Remove(s.layerLink(repo, d)); err != nil {
-		return ErrBlobUnknown
+	if err := s.d.Delete(ctx, layerLink(repo, d)); err != nil {
+		return unknown(err, ErrBlobUnknown)
 	}
 	return nil
 }
 
 // HasBlob reports whether the shared blob store holds d, in any repository.
 func (s *Store) HasBlob(d digest.Digest) bool {
+	ok, _ := s.hasBlob(context.Background(), d)
+	return ok
+}
+
+func (s *Store) hasBlob(ctx context.Context, d digest.Digest) (bool, error) {
 	if validDigest(d) != nil {
-		return false
+		return false, nil
 	}
-	_, err := os.Stat(s.blobPath(d))
-	return err == nil
+	return s.exists(ctx, blobKey(d))
 }
 
 // MountBlob links blob d, which repository from holds, into repo. With from
@@ -222,27 +288,30 @@ func (s *Store) MountBlob(ctx context.Context, repo, from string, d digest.Diges
 		return err
 	}
 	if from != "" {
-		if _, err := os.Stat(s.layerLink(from, d)); err != nil {
-			return ErrBlobUnknown
+		if _, err := s.d.Stat(ctx, layerLink(from, d)); err != nil {
+			return unknown(err, ErrBlobUnknown)
 		}
 	}
-	if !s.HasBlob(d) {
+	if ok, err := s.hasBlob(ctx, d); err != nil {
+		return err
+	} else if !ok {
 		return ErrBlobUnknown
 	}
-	return s.link(repo, d)
+	return s.link(ctx, repo, d)
 }
 
-func (s *Store) link(repo string, d digest.Digest) error {
-	p := s.layerLink(repo, d)
-	if _, err := os.Stat(p); err == nil {
+func (s *Store) link(ctx context.Context, repo string, d digest.Digest) error {
+	p := layerLink(repo, d)
+	if ok, err := s.exists(ctx, p); err != nil {
+		return err
+	} else if ok {
 		s.Touch(repo, d) // needed again: young for garbage collection
 		return nil
 	}
-	if err := s.writeFileAtomic(p, []byte(d.String())); err != nil {
+	if err := s.d.Put(ctx, p, []byte(d.String())); err != nil {
 		return err
 	}
-	now := time.Now()
-	os.Chtimes(s.blobPath(d), now, now)
+	s.d.Touch(ctx, blobKey(d))
 	return nil
 }
 
@@ -252,7 +321,11 @@ func (s *Store) PutBlob(ctx context.Context, repo string, d digest.Digest, size 
 	if err := validDigest(d); err != nil {
 		return err
 	}
-	if s.HasBlob(d) {
+	has, err := s.hasBlob(ctx, d)
+	if err != nil {
+		return err
+	}
+	if has {
 		// Stored already: the bytes sent must still be d's, or anyone
 		// could link any blob into a repository by naming its digest.
 		v := d.Verifier()
@@ -266,57 +339,56 @@ func (s *Store) PutBlob(ctx context.Context, repo string, d digest.Digest, size 
 		if !v.Verified() {
 			return fmt.Errorf("%w: content does not match %s", ErrDigestInvalid, d)
 		}
-		return s.link(repo, d)
+		return s.link(ctx, repo, d)
 	}
-	f, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "blob-")
+	w, err := s.d.Create(ctx, blobKey(d))
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
 	v := d.Verifier()
-	n, err := io.Copy(io.MultiWriter(f, v), r)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
+	n, err := io.Copy(io.MultiWriter(w, v), r)
 	if err != nil {
-		os.Remove(tmp)
+		w.Close()
 		return err
 	}
 	if size >= 0 && n != size {
-		os.Remove(tmp)
+		w.Close()
 		return fmt.Errorf("%w: got %d bytes, want %d", ErrSizeInvalid, n, size)
 	}
 	if !v.Verified() {
-		os.Remove(tmp)
+		w.Close()
 		return fmt.Errorf("%w: content does not match %s", ErrDigestInvalid, d)
 	}
-	if err := s.rename(tmp, s.blobPath(d)); err != nil {
+	if err := w.Commit(ctx); err != nil {
 		return err
 	}
-	return s.link(repo, d)
+	return s.link(ctx, repo, d)
 }
 
-// CreateTemp creates a temporary file in the store's filesystem, for a
-// writer that will hand it to CommitFile. A crash leaves it in tmp/, which
-// Open empties.
+// CreateTemp creates a temporary file in the store's local directory, for
+// a writer that will hand it to CommitFile. A crash leaves it in tmp/,
+// which Open empties.
 func (s *Store) CreateTemp(pattern string) (*os.File, error) {
-	return os.CreateTemp(filepath.Join(s.root, "tmp"), pattern)
+	return os.CreateTemp(filepath.Join(s.local, "tmp"), pattern)
 }
 
 // CommitFile makes the finished temporary file at path (from CreateTemp)
 // blob d of repo. The file's content is verified against d first, so a
-// caller's mistake can never name a blob wrongly.
+// caller's mistake can never name a blob wrongly. The file is gone
+// afterwards, whatever the outcome.
 func (s *Store) CommitFile(ctx context.Context, repo, path string, d digest.Digest) error {
 	if err := validDigest(d); err != nil {
 		os.Remove(path)
 		return err
 	}
-	if s.HasBlob(d) {
+	has, err := s.hasBlob(ctx, d)
+	if err != nil {
 		os.Remove(path)
-		return s.link(repo, d)
+		return err
+	}
+	if has {
+		os.Remove(path)
+		return s.link(ctx, repo, d)
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -335,10 +407,33 @@ func (s *Store) CommitFile(ctx context.Context, repo, path string, d digest.Dige
 		os.Remove(path)
 		return fmt.Errorf("%w: file is %s, not %s", ErrDigestInvalid, got, d)
 	}
-	if err := s.rename(path, s.blobPath(d)); err != nil {
+	if m, ok := s.d.(fileMover); ok {
+		if err := m.MoveFile(ctx, path, blobKey(d)); err != nil {
+			return err
+		}
+	} else if err := s.copyFile(ctx, path, blobKey(d)); err != nil {
 		return err
 	}
-	return s.link(repo, d)
+	return s.link(ctx, repo, d)
+}
+
+// copyFile stores the local file at path as key and removes it.
+func (s *Store) copyFile(ctx context.Context, path, key string) error {
+	defer os.Remove(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	w, err := s.d.Create(ctx, key)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(w, f); err != nil {
+		w.Close()
+		return err
+	}
+	return w.Commit(ctx)
 }
 
 // Link links blob d, which the store holds, into repo.
@@ -348,25 +443,47 @@ func (s *Store) Link(ctx context.Context, repo string, d digest.Digest) error {
 
 // ---- repositories ----
 
-// Repositories lists the repositories that hold manifests or blobs, sorted.
-func (s *Store) Repositories(ctx context.Context) ([]string, error) {
-	base := filepath.Join(s.root, "repositories")
-	var repos []string
-	err := filepath.WalkDir(base, func(p string, de fs.DirEntry, err error) error {
+// walkRepositories calls fn for each directory below repositories/ that
+// can be a repository (not an underscore one), in lexical order, with its
+// name and the names in it.
+func (s *Store) walkRepositories(ctx context.Context, fn func(repo string, names map[string]bool)) error {
+	var walk func(prefix string) error
+	walk = func(prefix string) error {
+		ents, err := s.d.List(ctx, prefix, false)
 		if err != nil {
-			return nil
+			return err
 		}
-		if !de.IsDir() || p == base {
-			return nil
-		}
-		if strings.HasPrefix(de.Name(), "_") {
-			return fs.SkipDir
-		}
-		if _, err := os.Stat(filepath.Join(p, "_manifests")); err == nil {
-			rel, _ := filepath.Rel(base, p)
-			repos = append(repos, filepath.ToSlash(rel))
+		sort.Slice(ents, func(i, j int) bool { return ents[i].Key < ents[j].Key })
+		for _, e := range ents {
+			name := path.Base(e.Key)
+			if !e.Dir || strings.HasPrefix(name, "_") {
+				continue
+			}
+			sub, err := s.d.List(ctx, e.Key, false)
+			if err != nil {
+				return err
+			}
+			names := map[string]bool{}
+			for _, c := range sub {
+				names[path.Base(c.Key)] = true
+			}
+			fn(strings.TrimPrefix(e.Key, "repositories/"), names)
+			if err := walk(e.Key); err != nil {
+				return err
+			}
 		}
 		return nil
+	}
+	return walk("repositories")
+}
+
+// Repositories lists the repositories that hold manifests or blobs, sorted.
+func (s *Store) Repositories(ctx context.Context) ([]string, error) {
+	var repos []string
+	err := s.walkRepositories(ctx, func(repo string, names map[string]bool) {
+		if names["_manifests"] {
+			repos = append(repos, repo)
+		}
 	})
 	if err != nil {
 		return nil, err
@@ -409,8 +526,10 @@ func (s *Store) PutManifest(ctx context.Context, repo string, m Manifest, meta M
 	if !m.Digest.Algorithm().Available() || m.Digest.Algorithm().FromBytes(m.Content) != m.Digest {
 		return fmt.Errorf("%w: manifest content does not match %s", ErrDigestInvalid, m.Digest)
 	}
-	if !s.HasBlob(m.Digest) {
-		if err := s.writeBlobBytes(m.Digest, m.Content); err != nil {
+	if has, err := s.hasBlob(ctx, m.Digest); err != nil {
+		return err
+	} else if !has {
+		if err := s.d.Put(ctx, blobKey(m.Digest), m.Content); err != nil {
 			return err
 		}
 	}
@@ -426,8 +545,7 @@ func (s *Store) PutManifest(ctx context.Context, repo string, m Manifest, meta M
 		if err != nil {
 			return err
 		}
-		p := filepath.Join(s.referrersDir(repo, meta.Subject), string(m.Digest.Algorithm())+"-"+m.Digest.Encoded())
-		if err := s.writeFileAtomic(p, b); err != nil {
+		if err := s.d.Put(ctx, referrerKey(repo, meta.Subject, m.Digest), b); err != nil {
 			return err
 		}
 	}
@@ -435,42 +553,22 @@ func (s *Store) PutManifest(ctx context.Context, repo string, m Manifest, meta M
 	if err != nil {
 		return err
 	}
-	if err := s.writeFileAtomic(s.revisionLink(repo, m.Digest), rev); err != nil {
+	if err := s.d.Put(ctx, revisionLink(repo, m.Digest), rev); err != nil {
 		return err
 	}
 	for _, t := range tags {
-		if err := s.writeFileAtomic(s.tagPath(repo, t), []byte(m.Digest.String())); err != nil {
+		if err := s.d.Put(ctx, tagKey(repo, t), []byte(m.Digest.String())); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (s *Store) writeBlobBytes(d digest.Digest, b []byte) error {
-	f, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "blob-")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return s.rename(tmp, s.blobPath(d))
-}
-
 // Resolve returns the digest a tag points to.
 func (s *Store) Resolve(ctx context.Context, repo, tag string) (digest.Digest, error) {
-	b, err := os.ReadFile(s.tagPath(repo, tag))
+	b, err := s.d.Get(ctx, tagKey(repo, tag))
 	if err != nil {
-		return "", ErrManifestUnknown
+		return "", unknown(err, ErrManifestUnknown)
 	}
 	d := digest.Digest(strings.TrimSpace(string(b)))
 	if d.Validate() != nil {
@@ -484,17 +582,17 @@ func (s *Store) GetManifest(ctx context.Context, repo string, d digest.Digest) (
 	if err := validDigest(d); err != nil {
 		return Manifest{}, err
 	}
-	rb, err := os.ReadFile(s.revisionLink(repo, d))
+	rb, err := s.d.Get(ctx, revisionLink(repo, d))
 	if err != nil {
-		return Manifest{}, ErrManifestUnknown
+		return Manifest{}, unknown(err, ErrManifestUnknown)
 	}
 	var rev revision
 	if err := json.Unmarshal(rb, &rev); err != nil {
 		return Manifest{}, fmt.Errorf("manifest %s: corrupt revision record: %w", d, err)
 	}
-	content, err := os.ReadFile(s.blobPath(d))
+	content, err := s.d.Get(ctx, blobKey(d))
 	if err != nil {
-		return Manifest{}, ErrManifestUnknown
+		return Manifest{}, unknown(err, ErrManifestUnknown)
 	}
 	return Manifest{Digest: d, MediaType: rev.MediaType, Content: content, Subject: rev.Subject}, nil
 }
@@ -506,33 +604,33 @@ func (s *Store) DeleteManifest(ctx context.Context, repo string, d digest.Digest
 	if err != nil {
 		return err
 	}
-	if err := os.Remove(s.revisionLink(repo, d)); err != nil {
-		return ErrManifestUnknown
+	if err := s.d.Delete(ctx, revisionLink(repo, d)); err != nil {
+		return unknown(err, ErrManifestUnknown)
 	}
 	tags, _ := s.Tags(ctx, repo)
 	for _, t := range tags {
 		if td, err := s.Resolve(ctx, repo, t); err == nil && td == d {
-			os.Remove(s.tagPath(repo, t))
+			s.d.Delete(ctx, tagKey(repo, t))
 		}
 	}
 	if m.Subject != "" {
-		os.Remove(filepath.Join(s.referrersDir(repo, m.Subject), string(d.Algorithm())+"-"+d.Encoded()))
+		s.d.Delete(ctx, referrerKey(repo, m.Subject, d))
 	}
 	return nil
 }
 
 // Tag points tag at manifest d, which must be in repo.
 func (s *Store) Tag(ctx context.Context, repo, tag string, d digest.Digest) error {
-	if _, err := os.Stat(s.revisionLink(repo, d)); err != nil {
-		return ErrManifestUnknown
+	if _, err := s.d.Stat(ctx, revisionLink(repo, d)); err != nil {
+		return unknown(err, ErrManifestUnknown)
 	}
-	return s.writeFileAtomic(s.tagPath(repo, tag), []byte(d.String()))
+	return s.d.Put(ctx, tagKey(repo, tag), []byte(d.String()))
 }
 
 // Untag removes a tag; the manifest stays.
 func (s *Store) Untag(ctx context.Context, repo, tag string) error {
-	if err := os.Remove(s.tagPath(repo, tag)); err != nil {
-		return ErrManifestUnknown
+	if err := s.d.Delete(ctx, tagKey(repo, tag)); err != nil {
+		return unknown(err, ErrManifestUnknown)
 	}
 	return nil
 }
@@ -540,16 +638,16 @@ func (s *Store) Untag(ctx context.Context, repo, tag string) error {
 // Tags lists the tags of repo in lexical order. A repository that never held
 // anything is ErrNameUnknown.
 func (s *Store) Tags(ctx context.Context, repo string) ([]string, error) {
-	if _, err := os.Stat(s.repoPath(repo)); err != nil {
-		return nil, ErrNameUnknown
+	if _, err := s.d.Stat(ctx, repoKey(repo)); err != nil {
+		return nil, unknown(err, ErrNameUnknown)
 	}
-	ents, err := os.ReadDir(s.repoPath(repo, "_manifests", "tags"))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+	ents, err := s.d.List(ctx, repoKey(repo, "_manifests", "tags"), false)
+	if err != nil {
 		return nil, err
 	}
 	tags := make([]string, 0, len(ents))
 	for _, e := range ents {
-		tags = append(tags, e.Name())
+		tags = append(tags, path.Base(e.Key))
 	}
 	sort.Strings(tags)
 	return tags, nil
@@ -561,18 +659,18 @@ func (s *Store) Referrers(ctx context.Context, repo string, subject digest.Diges
 	if err := validDigest(subject); err != nil {
 		return nil, err
 	}
-	dir := s.referrersDir(repo, subject)
-	ents, err := os.ReadDir(dir)
+	ents, err := s.d.List(ctx, referrersDir(repo, subject), false)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil
-		}
 		return nil, err
 	}
+	sort.Slice(ents, func(i, j int) bool { return ents[i].Key < ents[j].Key })
 	var out []ocispec.Descriptor
 	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		b, err := s.d.Get(ctx, e.Key)
 		if err != nil {
+			if errors.Is(err, ErrUnavailable) {
+				return nil, err
+			}
 			continue
 		}
 		var desc ocispec.Descriptor
@@ -581,7 +679,9 @@ func (s *Store) Referrers(ctx context.Context, repo string, subject digest.Diges
 		}
 		// The referrer may have been removed from the repository by a
 		// concurrent delete; list only what is still there.
-		if _, err := os.Stat(s.revisionLink(repo, desc.Digest)); err != nil {
+		if ok, err := s.exists(ctx, revisionLink(repo, desc.Digest)); err != nil {
+			return nil, err
+		} else if !ok {
 			continue
 		}
 		out = append(out, desc)
@@ -592,9 +692,9 @@ func (s *Store) Referrers(ctx context.Context, repo string, subject digest.Diges
 // ---- uploads ----
 
 type upload struct {
-	mu   sync.Mutex
-	size int64
-	// sha256 state of the bytes so far, valid while hashed == size.
+	mu sync.Mutex
+	// sha256 state of the bytes so far, valid while hashed is the
+	// session's size.
 	hash   digestHasher
 	hashed int64
 }
@@ -610,7 +710,9 @@ func newUploadID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func (s *Store) uploadDir(id string) string { return filepath.Join(s.root, "uploads", id) }
+func uploadDir(id string) string       { return path.Join("uploads", id) }
+func uploadData(id string) string      { return path.Join("uploads", id, "data") }
+func uploadHashState(id string) string { return path.Join("uploads", id, "hashstate") }
 
 func validUploadID(id string) bool {
 	if len(id) != 32 {
@@ -625,66 +727,121 @@ func (s *Store) UploadExists(id string) bool {
 	if !validUploadID(id) {
 		return false
 	}
-	_, err := os.Stat(s.uploadDir(id))
-	return err == nil
+	ok, _ := s.exists(context.Background(), uploadDir(id))
+	return ok
 }
 
 // NewUpload starts an upload session for repo and returns its id.
 func (s *Store) NewUpload(ctx context.Context, repo string) (string, error) {
 	id := newUploadID()
-	dir := s.uploadDir(id)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := s.d.Put(ctx, path.Join(uploadDir(id), "repo"), []byte(repo)); err != nil {
 		return "", err
 	}
-	if err := os.WriteFile(filepath.Join(dir, "repo"), []byte(repo), 0o644); err != nil {
-		return "", err
-	}
-	f, err := os.OpenFile(filepath.Join(dir, "data"), os.O_CREATE|os.O_WRONLY, 0o644)
+	w, err := s.d.Append(ctx, uploadData(id), true)
 	if err != nil {
 		return "", err
 	}
-	f.Close()
+	if err := w.Close(); err != nil {
+		return "", err
+	}
 	s.mu.Lock()
-	s.uploads[id] = &upload{hash: digest.SHA256.Hash()}
+	s.uploads[id] = &upload{hash: sha256.New()}
 	s.mu.Unlock()
 	return id, nil
 }
 
 // session finds upload id of repo and returns it locked.
-func (s *Store) session(repo, id string) (*upload, error) {
+func (s *Store) session(ctx context.Context, repo, id string) (*upload, error) {
 	if !validUploadID(id) {
 		return nil, ErrUploadUnknown
 	}
-	b, err := os.ReadFile(filepath.Join(s.uploadDir(id), "repo"))
-	if err != nil || string(b) != repo {
+	b, err := s.d.Get(ctx, path.Join(uploadDir(id), "repo"))
+	if err != nil {
+		return nil, unknown(err, ErrUploadUnknown)
+	}
+	if string(b) != repo {
 		return nil, ErrUploadUnknown
 	}
 	s.mu.Lock()
 	u, ok := s.uploads[id]
 	if !ok {
-		// A session from before a restart: no hash state, recompute at commit.
+		// A session from before a restart, or of another process: no
+		// hash state, unless it was kept (loadHash).
 		u = &upload{hashed: -1}
 		s.uploads[id] = u
 	}
 	s.mu.Unlock()
 	u.mu.Lock()
-	fi, err := os.Stat(filepath.Join(s.uploadDir(id), "data"))
-	if err != nil {
-		u.mu.Unlock()
-		return nil, ErrUploadUnknown
-	}
-	u.size = fi.Size()
 	return u, nil
+}
+
+// data opens the session's data for appending.
+func (s *Store) data(ctx context.Context, id string) (Writer, error) {
+	w, err := s.d.Append(ctx, uploadData(id), false)
+	if err != nil {
+		return nil, unknown(err, ErrUploadUnknown)
+	}
+	return w, nil
+}
+
+// hashState is an upload session's sha256 state, kept beside it.
+type hashState struct {
+	Offset int64  `json:"offset"`
+	State  []byte `json:"state"`
+}
+
+// loadHash gives u the sha256 state kept beside session id, if there is
+// one at size.
+func (s *Store) loadHash(ctx context.Context, id string, u *upload, size int64) {
+	if !s.persistHash || (u.hash != nil && u.hashed == size) {
+		return
+	}
+	b, err := s.d.Get(ctx, uploadHashState(id))
+	if err != nil {
+		return
+	}
+	var hs hashState
+	if json.Unmarshal(b, &hs) != nil || hs.Offset != size {
+		return
+	}
+	h := sha256.New()
+	if h.(encoding.BinaryUnmarshaler).UnmarshalBinary(hs.State) != nil {
+		return
+	}
+	u.hash, u.hashed = h, size
+}
+
+// saveHash keeps u's sha256 state beside session id.
+func (s *Store) saveHash(ctx context.Context, id string, u *upload) {
+	if !s.persistHash || u.hash == nil {
+		return
+	}
+	m, ok := u.hash.(encoding.BinaryMarshaler)
+	if !ok {
+		return
+	}
+	st, err := m.MarshalBinary()
+	if err != nil {
+		return
+	}
+	b, _ := json.Marshal(hashState{Offset: u.hashed, State: st})
+	s.d.Put(ctx, uploadHashState(id), b) // without it, commit reads the bytes again
 }
 
 // UploadStatus returns how many bytes upload id has received.
 func (s *Store) UploadStatus(ctx context.Context, repo, id string) (int64, error) {
-	u, err := s.session(repo, id)
+	u, err := s.session(ctx, repo, id)
 	if err != nil {
 		return 0, err
 	}
 	defer u.mu.Unlock()
-	return u.size, nil
+	w, err := s.data(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	size := w.Size()
+	w.Close()
+	return size, nil
 }
 
 // AppendUpload appends r to upload id. start is where the chunk begins in
@@ -692,25 +849,24 @@ func (s *Store) UploadStatus(ctx context.Context, repo, id string) (int64, error
 // bytes received so far. length, when >= 0, is the chunk's declared length.
 // It returns the upload's new size.
 func (s *Store) AppendUpload(ctx context.Context, repo, id string, start, length int64, r io.Reader) (int64, error) {
-	u, err := s.session(repo, id)
+	u, err := s.session(ctx, repo, id)
 	if err != nil {
 		return 0, err
 	}
 	defer u.mu.Unlock()
-	if start >= 0 && start != u.size {
-		return u.size, fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrRangeInvalid, start, u.size)
-	}
-	f, err := os.OpenFile(filepath.Join(s.uploadDir(id), "data"), os.O_WRONLY, 0)
+	w, err := s.data(ctx, id)
 	if err != nil {
-		return u.size, ErrUploadUnknown
+		return 0, err
 	}
-	defer f.Close()
-	if _, err := f.Seek(u.size, io.SeekStart); err != nil {
-		return u.size, err
+	size := w.Size()
+	if start >= 0 && start != size {
+		w.Close()
+		return size, fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrRangeInvalid, start, size)
 	}
-	var w io.Writer = f
-	if u.hash != nil && u.hashed == u.size {
-		w = io.MultiWriter(f, u.hash)
+	s.loadHash(ctx, id, u, size)
+	var dst io.Writer = w
+	if u.hash != nil && u.hashed == size {
+		dst = io.MultiWriter(w, u.hash)
 	} else {
 		u.hash = nil
 	}
@@ -718,25 +874,27 @@ func (s *Store) AppendUpload(ctx context.Context, repo, id string, start, length
 	if length >= 0 {
 		src = io.LimitReader(r, length)
 	}
-	n, err := io.Copy(w, src)
+	n, err := io.Copy(dst, src)
 	if u.hash != nil {
 		u.hashed += n
 	}
 	if err != nil {
 		// Keep what was written consistent with the hash state: cut back.
-		f.Truncate(u.size)
-		if u.hash != nil {
-			u.hash, u.hashed = nil, -1
-		}
-		return u.size, fmt.Errorf("upload %s: %w", id, err)
+		w.Cancel(ctx)
+		u.hash, u.hashed = nil, -1
+		return size, fmt.Errorf("upload %s: %w", id, err)
 	}
 	if length >= 0 && n != length {
-		f.Truncate(u.size)
+		w.Cancel(ctx)
 		u.hash, u.hashed = nil, -1
-		return u.size, fmt.Errorf("%w: chunk has %d bytes, Content-Length says %d", ErrSizeInvalid, n, length)
+		return size, fmt.Errorf("%w: chunk has %d bytes, Content-Length says %d", ErrSizeInvalid, n, length)
 	}
-	u.size += n
-	return u.size, nil
+	if err := w.Close(); err != nil {
+		u.hash, u.hashed = nil, -1
+		return size, fmt.Errorf("upload %s: %w", id, err)
+	}
+	s.saveHash(ctx, id, u)
+	return size + n, nil
 }
 
 // CommitUpload verifies that upload id's bytes have digest d and, if so,
@@ -746,20 +904,32 @@ func (s *Store) CommitUpload(ctx context.Context, repo, id string, d digest.Dige
 	if err := validDigest(d); err != nil {
 		return 0, err
 	}
-	u, err := s.session(repo, id)
+	u, err := s.session(ctx, repo, id)
 	if err != nil {
 		return 0, err
 	}
 	defer u.mu.Unlock()
-	dir := s.uploadDir(id)
-	data := filepath.Join(dir, "data")
+	w, err := s.data(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	size := w.Size()
+	s.loadHash(ctx, id, u, size)
+	// The data is readable (and on the filesystem, synced) once
+	// committed; it becomes the blob only when verified.
+	if err := w.Commit(ctx); err != nil {
+		return 0, err
+	}
+	data := uploadData(id)
 	var got digest.Digest
-	if d.Algorithm() == digest.SHA256 && u.hash != nil && u.hashed == u.size {
+	if d.Algorithm() == digest.SHA256 && u.hash != nil && u.hashed == size {
 		got = digest.NewDigestFromBytes(digest.SHA256, u.hash.Sum(nil))
 	} else {
-		f, err := os.Open(data)
+		// No hash state (a session continued after a restart) or
+		// another algorithm: the bytes are read again.
+		f, err := s.d.Open(ctx, data)
 		if err != nil {
-			return 0, ErrUploadUnknown
+			return 0, unknown(err, ErrUploadUnknown)
 		}
 		got, err = d.Algorithm().FromReader(f)
 		f.Close()
@@ -769,35 +939,28 @@ func (s *Store) CommitUpload(ctx context.Context, repo, id string, d digest.Dige
 	}
 	defer s.forget(id)
 	if got != d {
-		os.RemoveAll(dir)
+		s.d.Delete(ctx, uploadDir(id))
 		return 0, fmt.Errorf("%w: uploaded content is %s, not %s", ErrDigestInvalid, got, d)
 	}
-	if s.HasBlob(d) {
-		os.RemoveAll(dir)
-	} else {
-		f, err := os.Open(data)
-		if err == nil {
-			err = f.Sync()
-			f.Close()
-		}
-		if err != nil {
-			return 0, err
-		}
-		// Move the data out of the session first so the session directory
-		// never holds a committed blob.
-		tmp := filepath.Join(s.root, "tmp", "commit-"+id)
-		if err := os.Rename(data, tmp); err != nil {
-			return 0, err
-		}
-		os.RemoveAll(dir)
-		if err := s.rename(tmp, s.blobPath(d)); err != nil {
-			return 0, err
-		}
-	}
-	if err := s.link(repo, d); err != nil {
+	has, err := s.hasBlob(ctx, d)
+	if err != nil {
 		return 0, err
 	}
-	return u.size, nil
+	if has {
+		s.d.Delete(ctx, uploadDir(id))
+	} else {
+		// The data leaves the session before the session goes, so that
+		// a crash in between leaves the blob stored (verified) and the
+		// session without data (unknown, purged later).
+		if err := s.d.Move(ctx, data, blobKey(d)); err != nil {
+			return 0, err
+		}
+		s.d.Delete(ctx, uploadDir(id))
+	}
+	if err := s.link(ctx, repo, d); err != nil {
+		return 0, err
+	}
+	return size, nil
 }
 
 func (s *Store) forget(id string) {
@@ -808,44 +971,50 @@ func (s *Store) forget(id string) {
 
 // CancelUpload ends upload id, discarding its bytes.
 func (s *Store) CancelUpload(ctx context.Context, repo, id string) error {
-	u, err := s.session(repo, id)
+	u, err := s.session(ctx, repo, id)
 	if err != nil {
 		return err
 	}
 	defer u.mu.Unlock()
 	defer s.forget(id)
-	return os.RemoveAll(s.uploadDir(id))
+	if err := s.d.Delete(ctx, uploadDir(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // PurgeUploads removes upload sessions not written to for longer than maxAge
 // and returns how many it removed.
 func (s *Store) PurgeUploads(ctx context.Context, maxAge time.Duration) (int, error) {
-	ents, err := os.ReadDir(filepath.Join(s.root, "uploads"))
+	ents, err := s.d.List(ctx, "uploads", false)
 	if err != nil {
 		return 0, err
 	}
 	n := 0
 	cutoff := time.Now().Add(-maxAge)
 	for _, e := range ents {
-		dir := s.uploadDir(e.Name())
-		fi, err := os.Stat(filepath.Join(dir, "data"))
-		if err == nil && fi.ModTime().After(cutoff) {
+		id := path.Base(e.Key)
+		fi, err := s.d.Stat(ctx, uploadData(id))
+		if err == nil && fi.ModTime.After(cutoff) {
 			continue
 		}
 		if err != nil {
-			// A session directory without data: look at the directory itself.
-			if di, derr := os.Stat(dir); derr == nil && di.ModTime().After(cutoff) {
+			// A session without data (on an object store, one whose
+			// data is not complete): look at the session itself.
+			if di, derr := s.d.Stat(ctx, uploadDir(id)); derr == nil && di.ModTime.After(cutoff) {
 				continue
+			} else if errors.Is(derr, ErrUnavailable) {
+				return n, derr
 			}
 		}
 		s.mu.Lock()
-		u := s.uploads[e.Name()]
+		u := s.uploads[id]
 		s.mu.Unlock()
 		if u != nil {
 			u.mu.Lock()
 		}
-		os.RemoveAll(dir)
-		s.forget(e.Name())
+		s.d.Delete(ctx, uploadDir(id))
+		s.forget(id)
 		if u != nil {
 			u.mu.Unlock()
 		}
