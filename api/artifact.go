@@ -166,6 +166,9 @@ func ParseProfileArtifact(raw []byte, subject digest.Digest) (profile ocispec.De
 		return profile, nil, fmt.Errorf("profile artifact: not a profile of %s", subject)
 	}
 	for i, d := range m.Layers {
+		if err := d.Digest.Validate(); err != nil || d.Size < 0 {
+			return profile, nil, fmt.Errorf("profile artifact: blob %d: bad descriptor (digest %q, size %d)", i, d.Digest, d.Size)
+		}
 		switch {
 		case i == 0 && d.MediaType == MediaTypeProfile:
 			profile = d
