@@ -304,3 +304,28 @@ func FuzzPage(f *testing.F) {
 		}
 	})
 }
+
+// TestContentRangeOverflow: a chunk whose Content-Range ends at the
+// largest offset (found by FuzzContentRange) is refused; its length
+// overflowed to a negative number before, which the store takes as a
+// chunk of unknown length, and the chunk was stored whatever its size.
+func TestContentRangeOverflow(t *testing.T) {
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := New(st, Options{})
+	w := httptest.NewRecorder()
+	reg.ServeHTTP(w, httptest.NewRequest("POST", "/v2/app/blobs/uploads/", nil))
+	if w.Code != http.StatusAccepted {
+		t.Fatalf("start upload: %d", w.Code)
+	}
+	r := httptest.NewRequest("PATCH", w.Header().Get("Location"), strings.NewReader("abc"))
+	r.ContentLength = -1 // streamed
+	r.Header.Set("Content-Range", "0-9223372036854775807")
+	w = httptest.NewRecorder()
+	reg.ServeHTTP(w, r)
+	if w.Code != http.StatusRequestedRangeNotSatisfiable {
+		t.Fatalf("PATCH with Content-Range 0-9223372036854775807: %d %s, want 416", w.Code, w.Body)
+	}
+}

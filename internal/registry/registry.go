@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -732,7 +733,9 @@ func contentRange(r *http.Request) (start, length int64, err error) {
 	a, b, ok := strings.Cut(cr, "-")
 	s, err1 := strconv.ParseInt(a, 10, 64)
 	e, err2 := strconv.ParseInt(b, 10, 64)
-	if !ok || err1 != nil || err2 != nil || s < 0 || e < s {
+	// The range's end must be an offset past which a byte can follow:
+	// "0-9223372036854775807" would be a length that overflows.
+	if !ok || err1 != nil || err2 != nil || s < 0 || e < s || e == math.MaxInt64 {
 		return 0, 0, newErr(http.StatusRequestedRangeNotSatisfiable, codeBlobUploadInvalid, fmt.Sprintf("invalid Content-Range %q", r.Header.Get("Content-Range")))
 	}
 	n := e - s + 1
