@@ -1013,12 +1013,16 @@ func (s *Store) PurgeUploads(ctx context.Context, maxAge time.Duration) (int, er
 		if u != nil {
 			u.mu.Lock()
 		}
-		s.d.Delete(ctx, uploadDir(id))
+		// (An object store may list a prefix that holds nothing any
+		// more: there is nothing to remove then.)
+		err = s.d.Delete(ctx, uploadDir(id))
 		s.forget(id)
 		if u != nil {
 			u.mu.Unlock()
 		}
-		n++
+		if err == nil {
+			n++
+		}
 	}
 	return n, nil
 }
