@@ -329,3 +329,19 @@ func TestContentRangeOverflow(t *testing.T) {
 		t.Fatalf("PATCH with Content-Range 0-9223372036854775807: %d %s, want 416", w.Code, w.Body)
 	}
 }
+
+// TestTagsWithoutName: /v2//tags/list (found by FuzzParseRoute) is no
+// route: it listed the tags of the repository named "", whose name
+// ServeHTTP does not validate, in the store's repositories/ directory
+// itself. (Behind Handler, the ServeMux redirects the path first.)
+func TestTagsWithoutName(t *testing.T) {
+	st, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := httptest.NewRecorder()
+	New(st, Options{}).ServeHTTP(w, httptest.NewRequest("GET", "/v2//tags/list", nil))
+	if w.Code != http.StatusNotFound {
+		t.Fatalf("GET /v2//tags/list: %d %s, want 404", w.Code, w.Body)
+	}
+}

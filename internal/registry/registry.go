@@ -143,7 +143,7 @@ func parseRoute(p string) (route, bool) {
 		ext, tail, _ := strings.Cut(rest[1:], "/")
 		return route{kind: "ext", ext: ext, rest: tail}, true
 	}
-	if name, ok := strings.CutSuffix(rest, "/tags/list"); ok {
+	if name, ok := strings.CutSuffix(rest, "/tags/list"); ok && name != "" {
 		return route{kind: "tags", repo: name}, true
 	}
 	if i := strings.LastIndex(rest, "/blobs/uploads"); i > 0 {
