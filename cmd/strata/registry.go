@@ -123,7 +123,7 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	serve.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
 	serve.Flags().StringVar(&htpasswd, "htpasswd", "", "require basic auth with the bcrypt accounts of this htpasswd file")
 	serve.Flags().BoolVar(&anonPull, "anonymous-pull", false, "with --htpasswd: let anyone pull, only accounts push and delete")
-	serve.Flags().StringVar(&accessFile, "access", "", "with --htpasswd: a TOML file of each account's repositories and actions (docs/security.md); accounts it does not name may do nothing")
+	serve.Flags().StringVar(&accessFile, "access", "", "with --htpasswd: a TOML file of each account's repository patterns and actions (docs/config.md); accounts it does not name may do only what anyone may")
 	serve.Flags().StringVar(&authMode, "auth", "", "none, htpasswd (basic auth with --htpasswd; the default when it is given) or token (bearer tokens of a token server: --token-*)")
 	serve.Flags().StringVar(&tokenRealm, "token-realm", "", "with --auth token: the token server's URL clients are sent to")
 	serve.Flags().StringVar(&tokenIssuer, "token-issuer", "", "with --auth token: the issuer (iss) tokens must name")

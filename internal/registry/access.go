@@ -27,6 +27,10 @@ type need struct {
 	repo    string   // "" for requests about no repository
 	actions []string // on repo; nil: authentication only
 	catalog bool     // registry:catalog:*
+	// from is a cross-repository mount's source: pull on it is asked
+	// for in challenges, as distribution does, but not required (without
+	// it the mount is an ordinary upload).
+	from string
 }
 
 // scope is the need as a token scope ("repository:NAME:pull,push").
@@ -38,6 +42,16 @@ func (n need) scope() string {
 		return "repository:" + n.repo + ":" + strings.Join(n.actions, ",")
 	}
 	return ""
+}
+
+// challengeScope is the scope a challenge names for n: its own, and pull
+// on a mount's source, space-separated as the token protocol has it.
+func (n need) challengeScope() string {
+	s := n.scope()
+	if n.from != "" && s != "" {
+		s += " repository:" + n.from + ":" + ActionPull
+	}
+	return s
 }
 
 // needOf says what request r needs. Every route is covered: reads (GET,
@@ -68,7 +82,11 @@ func needOf(r *http.Request) need {
 		}
 		return need{repo: rt.repo, actions: []string{ActionPush}}
 	case "upload":
-		return need{repo: rt.repo, actions: []string{ActionPull, ActionPush}}
+		n := need{repo: rt.repo, actions: []string{ActionPull, ActionPush}}
+		if q := r.URL.Query(); rt.ref == "" && r.Method == http.MethodPost && q.Get("mount") != "" && validName(q.Get("from")) && q.Get("from") != rt.repo {
+			n.from = q.Get("from")
+		}
+		return n
 	case "ext":
 		if rt.repo == "" {
 			return need{} // registry-wide information (the info route)
@@ -96,7 +114,10 @@ type Grant struct {
 }
 
 func (g Grant) matches(repo string) bool {
-	if g.Pattern == "**" {
+	switch {
+	case repo == "":
+		return false // a route that lost its repository grants nothing
+	case g.Pattern == "**":
 		return true
 	}
 	if prefix, ok := strings.CutSuffix(g.Pattern, "/**"); ok {

@@ -19,7 +19,7 @@ func TestGrantPatterns(t *testing.T) {
 		{"team/*", []string{"team/app", "team/b"}, []string{"team", "team/a/b", "other/app"}},
 		{"team/**", []string{"team/app", "team/a/b/c"}, []string{"team", "teams/app", "other/team/app"}},
 		{"*/ci/**", []string{"a/ci/x", "b/ci/x/y"}, []string{"a/ci", "ci/x", "a/b/ci/x"}},
-		{"**", []string{"a", "a/b/c"}, nil},
+		{"**", []string{"a", "a/b/c"}, []string{""}},
 		{"app-?", []string{"app-1"}, []string{"app-12"}},
 		{`team/\*`, []string{"team/*"}, []string{"team/app"}},
 	} {

@@ -195,7 +195,7 @@ func authorize(h http.Handler, cfg AuthConfig, c *checker) http.Handler {
 			if raw, ok := bearer(r); ok {
 				gs, err := cfg.Token.verify(raw)
 				if err != nil {
-					w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.scope(), "invalid_token"))
+					w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.challengeScope(), "invalid_token"))
 					writeError(w, r, newErr(http.StatusUnauthorized, codeUnauthorized, "invalid token: "+err.Error()))
 					return
 				}
@@ -231,7 +231,7 @@ func authorize(h http.Handler, cfg AuthConfig, c *checker) http.Handler {
 		}
 		challenge := func(errCode, msg string) {
 			if cfg.Token != nil {
-				w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.scope(), errCode))
+				w.Header().Set("WWW-Authenticate", cfg.Token.challenge(n.challengeScope(), errCode))
 			} else {
 				w.Header().Set("WWW-Authenticate", `Basic realm="strata"`)
 			}

@@ -196,8 +196,10 @@ func TestTokenMount(t *testing.T) {
 			t.Errorf("%s: the blob in team/new: %d", tc.name, code)
 		}
 	}
-	// Without a token the mount is challenged for the target's scope.
-	if code, ch := tokenReq(t, f.guarded, "POST", mount, "", nil, nil); code != 401 || !strings.Contains(ch, `scope="repository:team/new:pull,push"`) {
+	// Without a token the mount is challenged for the target's scope
+	// and the source's pull, as distribution does: a client learns to ask
+	// for both.
+	if code, ch := tokenReq(t, f.guarded, "POST", mount, "", nil, nil); code != 401 || !strings.Contains(ch, `scope="repository:team/new:pull,push repository:other/app:pull"`) {
 		t.Errorf("mount without a token: %d %q", code, ch)
 	}
 }
