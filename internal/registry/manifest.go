@@ -56,9 +56,16 @@ func parseManifest(contentType string, body []byte) (string, store.ManifestMeta,
 	if err := json.Unmarshal(body, &doc); err != nil {
 		return "", meta, invalid("manifest fields have the wrong types: %v", err)
 	}
-	_, hasLayers := raw["layers"]
-	_, hasConfig := raw["config"]
-	_, hasManifests := raw["manifests"]
+	// Which fields it has, as Go decodes them (clients too: containerd
+	// checks a pulled manifest so): keys match in any case, and null is
+	// a value.
+	var present struct {
+		Config    json.RawMessage `json:"config"`
+		Layers    json.RawMessage `json:"layers"`
+		Manifests json.RawMessage `json:"manifests"`
+	}
+	json.Unmarshal(body, &present) // it decoded as an object above
+	hasLayers, hasConfig, hasManifests := len(present.Layers) != 0, len(present.Config) != 0, len(present.Manifests) != 0
 	if hasManifests && (hasLayers || hasConfig) {
 		return "", meta, invalid("ambiguous manifest: it has both manifests and layers/config")
 	}
