@@ -40,6 +40,7 @@ const (
 	codeUnsupported         = "UNSUPPORTED"
 	codeRangeInvalid        = "RANGE_INVALID"
 	codeTooManyRequests     = "TOOMANYREQUESTS"
+	codeUnavailable         = "UNAVAILABLE" // distribution's, for 503
 )
 
 // toRegError converts an error from the store (or anywhere below the
@@ -63,6 +64,10 @@ func toRegError(err error) *regError {
 		return newErr(http.StatusBadRequest, codeSizeInvalid, err.Error())
 	case errors.Is(err, store.ErrRangeInvalid):
 		return newErr(http.StatusRequestedRangeNotSatisfiable, codeRangeInvalid, err.Error())
+	case errors.Is(err, store.ErrUnavailable):
+		// The storage (an object store) failed to answer: nothing was
+		// stored, the client may try again (writeError: Retry-After).
+		return newErr(http.StatusServiceUnavailable, codeUnavailable, "storage unavailable, try again")
 	default:
 		return newErr(http.StatusInternalServerError, "UNKNOWN", "internal error")
 	}
@@ -78,8 +83,14 @@ type errorEntry struct {
 	Detail  any    `json:"detail,omitempty"`
 }
 
+// retryAfter is what a 503 asks the client to wait, in seconds.
+const retryAfter = "5"
+
 func writeError(w http.ResponseWriter, r *http.Request, e *regError) {
 	w.Header().Set("Content-Type", "application/json")
+	if e.Status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", retryAfter)
+	}
 	w.WriteHeader(e.Status)
 	if r.Method == http.MethodHead {
 		return

@@ -540,6 +540,23 @@ func (reg *Registry) getBlob(w http.ResponseWriter, r *http.Request, repo, ref s
 	if err := reg.fromUpstream(reg.opts.Upstream != nil, func() error { return reg.opts.Upstream.Blob(r.Context(), repo, d) }); err != nil {
 		return err
 	}
+	if r.Method == http.MethodGet {
+		// A store that can give the blob's own URL (an object store's
+		// presigned GET, with --s3-redirect) sends the client there.
+		u, err := reg.store.BlobURL(r.Context(), repo, d)
+		if err != nil {
+			return err
+		}
+		if u != "" {
+			h := w.Header()
+			h.Set("Docker-Content-Digest", d.String())
+			// The URL expires: the redirect is not for caches to keep
+			// (the blob's answer there is, immutable).
+			h.Set("Cache-Control", "no-store")
+			http.Redirect(w, r, u, http.StatusTemporaryRedirect)
+			return nil
+		}
+	}
 	f, err := reg.store.OpenBlob(r.Context(), repo, d)
 	if err != nil {
 		return err
@@ -554,7 +571,7 @@ func (reg *Registry) getBlob(w http.ResponseWriter, r *http.Request, repo, ref s
 	h.Set("Docker-Content-Digest", d.String())
 	h.Set("Content-Type", "application/octet-stream")
 	h.Set("Etag", `"`+d.String()+`"`)
-	h.Set("Cache-Control", "max-age=31536000")
+	h.Set("Cache-Control", "max-age=31536000, immutable")
 	// ServeContent handles HEAD, Range (206, 416) and conditional requests.
 	http.ServeContent(w, r, "", time.Time{}, f)
 	return nil

@@ -129,7 +129,12 @@ type Server struct {
 	Endpoint string
 	Dir      string // its data
 	client   *s3.Client
+	stopOnce sync.Once
+	stop     func()
 }
+
+// Stop stops the server now (an object store that stops answering).
+func (s *Server) Stop() { s.stopOnce.Do(s.stop) }
 
 // Start runs a SeaweedFS server for the test, stopped when it ends.
 func Start(t testing.TB) *Server {
@@ -166,12 +171,15 @@ func Start(t testing.TB) *Server {
 	}
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
+	s := &Server{Endpoint: "http://127.0.0.1:" + ports[6], Dir: dir}
+	s.stop = func() {
 		cmd.Process.Kill()
 		<-done
+	}
+	t.Cleanup(func() {
+		s.Stop()
 		logf.Close()
 	})
-	s := &Server{Endpoint: "http://127.0.0.1:" + ports[6], Dir: dir}
 	s.client = s3.New(s3.Options{
 		Region: Region, BaseEndpoint: aws.String(s.Endpoint), UsePathStyle: true,
 		Credentials: credentials.NewStaticCredentialsProvider(AccessKey, SecretKey, ""),
