@@ -22,6 +22,19 @@ const conformanceVersion = "github.com/opencontainers/distribution-spec/conforma
 // but anonymous blob mounts (refused on purpose), and requires zero
 // failures and zero skips.
 func TestConformance(t *testing.T) {
+	runConformance(t, startRegistry)
+}
+
+// TestConformanceS3 runs the suite against a registry on S3 (SeaweedFS).
+func TestConformanceS3(t *testing.T) {
+	runConformance(t, func(t testing.TB, extra ...string) *registryProc {
+		reg, _, _ := startRegistryS3(t.(*testing.T), extra...)
+		return reg
+	})
+}
+
+// runConformance runs the suite against the registry start starts.
+func runConformance(t *testing.T, start func(t testing.TB, extra ...string) *registryProc) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	bin := t.TempDir()
@@ -33,7 +46,7 @@ func TestConformance(t *testing.T) {
 		// cannot check anything, which CI must not mistake for a pass.
 		testenv.Unavailable(t, "cannot build the conformance suite: "+err.Error()+"\n"+string(out))
 	}
-	reg := startRegistry(t)
+	reg := start(t)
 	results := t.TempDir()
 	cmd := exec.CommandContext(ctx, filepath.Join(bin, "conformance"))
 	cmd.Dir = results
@@ -99,6 +112,12 @@ func TestConformance(t *testing.T) {
 	if m == nil || m[1] == "0" {
 		t.Errorf("no passing checks reported:\n%s", summary)
 	}
+	counts := regexp.MustCompile(`(?m)^\s*(\w+)\.+:\s+(\d+)$`).FindAllStringSubmatch(string(out), -1)
+	var line []string
+	for _, c := range counts {
+		line = append(line, c[1]+" "+c[2])
+	}
+	t.Logf("conformance: %s", strings.Join(line, ", "))
 }
 
 func failures(out string) string {

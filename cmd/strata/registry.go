@@ -33,18 +33,19 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 	var maxConns, maxUploads int
 	var maxBlob int64
 	var config string
+	var storage storageFlags
 	serve := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve an OCI registry with layer mounts from a directory (foreground)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := g.logger()
-			unlock, err := store.LockRoot(root)
+			unlock, err := store.LockRoot(storage.localDir(root))
 			if err != nil {
 				return err
 			}
 			defer unlock()
-			st, err := store.Open(root)
+			st, err := storage.open(cmd.Context(), cmd, root)
 			if err != nil {
 				return err
 			}
@@ -115,12 +116,13 @@ func newRegistryCmd(g *globalFlags) *cobra.Command {
 			if cert != "" {
 				scheme = "https"
 			}
-			log.Info("registry listening", "url", fmt.Sprintf("%s://%s", scheme, ln.Addr()), "root", root)
+			log.Info("registry listening", "url", fmt.Sprintf("%s://%s", scheme, ln.Addr()), "storage", storage.where(root), "root", root)
 			return registry.Serve(cmd.Context(), ln, registry.Handler(reg, cfg), cfg)
 		},
 	}
 	serve.Flags().StringVar(&addr, "addr", "127.0.0.1:5000", "listen address HOST:PORT")
-	serve.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
+	serve.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory (with --storage s3://: the local one, of the expansion state)")
+	storage.add(serve, true)
 	serve.Flags().StringVar(&htpasswd, "htpasswd", "", "require basic auth with the bcrypt accounts of this htpasswd file")
 	serve.Flags().BoolVar(&anonPull, "anonymous-pull", false, "with --htpasswd: let anyone pull, only accounts push and delete")
 	serve.Flags().StringVar(&accessFile, "access", "", "with --htpasswd: a TOML file of each account's repository patterns and actions (docs/config.md); accounts it does not name may do only what anyone may")

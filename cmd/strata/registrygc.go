@@ -15,6 +15,7 @@ import (
 func newRegistryGCCmd(g *globalFlags) *cobra.Command {
 	var root, config string
 	var opts gc.Options
+	var storage storageFlags
 	cmd := &cobra.Command{
 		Use:   "gc",
 		Short: "Remove what no image of a registry uses any more (safe while it serves)",
@@ -26,6 +27,16 @@ younger than --grace is removed. Prints what was freed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := g.logger()
+			if err := storage.check(cmd); err != nil {
+				return err
+			}
+			if storage.s3() {
+				// Checked, so that a wrong bucket is said as such.
+				if _, err := storage.driver(cmd.Context(), cmd); err != nil {
+					return err
+				}
+				return fmt.Errorf("%s: garbage collection of a registry on S3 is not supported yet (docs/deployment.md)", storage.url)
+			}
 			st, err := store.OpenShared(root)
 			if err != nil {
 				return err
@@ -48,6 +59,7 @@ younger than --grace is removed. Prints what was freed.`,
 		},
 	}
 	cmd.Flags().StringVar(&root, "root", "/var/lib/strata/registry", "registry storage directory")
+	storage.add(cmd, false)
 	cmd.Flags().BoolVar(&opts.DryRun, "dry-run", false, "report what would be removed, remove nothing")
 	cmd.Flags().DurationVar(&opts.Grace, "grace", gc.DefaultGrace, "never remove anything modified more recently than this (pushes in progress)")
 	cmd.Flags().DurationVar(&opts.UploadMaxAge, "upload-max-age", gc.DefaultUploadMaxAge, "remove upload sessions not written to for this long")

@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"net/http"
 	"net/url"
 	"path"
@@ -167,9 +168,13 @@ func Open(ctx context.Context, opts Options) (*Driver, error) {
 		case http.StatusNotFound:
 			return nil, fmt.Errorf("%s: no such bucket", where)
 		case http.StatusForbidden, http.StatusUnauthorized:
-			return nil, fmt.Errorf("%s: access denied (credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE): %w", where, err)
+			return nil, fmt.Errorf("%s: access denied to the credentials of the AWS environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)", where)
 		case http.StatusMovedPermanently:
 			return nil, fmt.Errorf("%s: the bucket is in another region than %s (--s3-region)", where, cfg.Region)
+		}
+		var ne *net.OpError
+		if errors.As(err, &ne) {
+			return nil, fmt.Errorf("%s: cannot reach the object store: %w", where, ne)
 		}
 		return nil, fmt.Errorf("%s: %w", where, err)
 	}
