@@ -79,6 +79,7 @@ func TestDrivers(t *testing.T) {
 		{"UploadCommitAndMismatch", testUploadCommitAndMismatch},
 		{"RestartedSessions", testRestartedSessions},
 		{"LargeChunkedUpload", testLargeChunkedUpload},
+		{"ManySmallChunks", testManySmallChunks},
 		{"FailedChunkRollsBack", testFailedChunkRollsBack},
 		{"PutBlobAndRefusals", testPutBlobAndRefusals},
 		{"ConcurrentPushesOfOneBlob", testConcurrentPushes},
@@ -240,6 +241,32 @@ func testLargeChunkedUpload(t *testing.T, b backend) {
 	}
 	if got := readBlob(t, s, "big", d); !bytes.Equal(got, data) {
 		t.Fatalf("blob differs: %d bytes", len(got))
+	}
+}
+
+// testManySmallChunks sends a blob of more than a part in chunks much
+// smaller than one (each a piece of the tail on S3 until a part fills).
+func testManySmallChunks(t *testing.T, b backend) {
+	s, reopen := b.fresh(t)
+	data := randomBytes(int(max(b.partSize, 1<<20)*3/2), 8)
+	d := digest.FromBytes(data)
+	id, _ := s.NewUpload(ctx, "r")
+	const chunk = 200 << 10
+	for off := 0; off < len(data); off += chunk {
+		st := s
+		if off/chunk%3 == 1 {
+			st = reopen()
+		}
+		end := min(off+chunk, len(data))
+		if n, err := st.AppendUpload(ctx, "r", id, int64(off), int64(end-off), bytes.NewReader(data[off:end])); err != nil || n != int64(end) {
+			t.Fatalf("chunk at %d: %d %v", off, n, err)
+		}
+	}
+	if _, err := reopen().CommitUpload(ctx, "r", id, d); err != nil {
+		t.Fatal(err)
+	}
+	if got := readBlob(t, s, "r", d); !bytes.Equal(got, data) {
+		t.Fatal("blob differs")
 	}
 }
 

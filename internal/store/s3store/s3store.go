@@ -8,8 +8,9 @@
 //	  uploads/<id>/repo                    the repository of an upload session
 //	  uploads/<id>/data.upload             an Append file in progress: its multipart
 //	                                       upload (id, parts with their sizes and ETags),
-//	                                       and the tail object holding its last bytes
-//	  uploads/<id>/data.tail-<n>           those bytes (less than a part)
+//	                                       and the pieces of its tail
+//	  uploads/<id>/data.tail-<n>           a piece: bytes after the parts (fewer than a
+//	                                       part in all), as one writer left them
 //	  uploads/<id>/data                    the file, once committed
 //	  uploads/<id>/hashstate               the session's sha256 state (package store)
 //
@@ -17,14 +18,15 @@
 // multipart upload completed by Commit (one PUT when it is smaller than a
 // part). Files that grow across requests and processes (upload sessions:
 // Append) are multipart uploads whose state is kept as the small objects
-// above: the bytes that do not fill a part yet wait in the tail object,
-// and at most one part is in memory per writer. No blob is ever whole in
+// above: the bytes that do not fill a part yet wait in pieces of the tail,
+// and about one part is in memory per writer (two for a moment, when
+// pieces join the bytes of a request in a part). No blob is ever whole in
 // memory or on a local disk.
 //
 // What an object store has not: directories (a prefix exists while an
 // object is below it), renames (Move is a server-side copy and a delete),
-// modification times that can be set (Touch copies an object onto itself,
-// which makes it young; a blob over 5 GiB is not touched) and locks (a
+// modification times that can be set (Touch does nothing: an object's
+// time is when it was written) and locks (a
 // session is written by one process at a time: the registry's, which
 // holds its lock in memory; replicas need more, see docs/deployment.md).
 package s3store
@@ -437,26 +439,13 @@ func (d *Driver) Move(ctx context.Context, from, to string) error {
 	return d.deleteObject(ctx, from)
 }
 
-// Touch implements store.Driver: the object is copied onto itself with
-// its metadata replaced, which makes S3 give it a new modification time.
-// An object over 5 GiB is left as it is (a copy of it would be a copy in
-// parts of all its bytes).
+// Touch implements store.Driver, doing nothing: S3 gives an object a new
+// modification time only when it is written again, and a copy of a blob
+// onto itself (a server-side rewrite of all its bytes, up to 5 GiB in one
+// request) on every HEAD of a push is too dear for what only garbage
+// collection reads, which a registry on S3 does not have yet
+// (docs/deployment.md). Modification times are the objects' write times.
 func (d *Driver) Touch(ctx context.Context, key string) error {
-	h, err := d.head(ctx, key)
-	if err != nil {
-		return err
-	}
-	if aws.ToInt64(h.ContentLength) > maxCopy {
-		return nil
-	}
-	_, err = d.client.CopyObject(ctx, &s3.CopyObjectInput{
-		Bucket: &d.opts.Bucket, Key: aws.String(d.key(key)), CopySource: d.copySource(key),
-		MetadataDirective: types.MetadataDirectiveReplace,
-		Metadata:          map[string]string{"strata-touched": time.Now().UTC().Format(time.RFC3339Nano)},
-	})
-	if err != nil {
-		return fail("touch", key, err)
-	}
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"slices"
 	"strconv"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -180,28 +181,38 @@ const stateSuffix = ".upload"
 type appendState struct {
 	UploadID string       `json:"uploadId,omitempty"`
 	Parts    []appendPart `json:"parts,omitempty"`
-	// Tail is the key of the object holding the bytes after the parts,
-	// fewer than a part; TailSize their number.
-	Tail     string `json:"tail,omitempty"`
-	TailSize int64  `json:"tailSize,omitempty"`
-	// Gen counts the writers that changed the file; it names the tails.
+	// Tail are the objects holding the bytes after the parts, in order,
+	// fewer than a part in all: each writer that closes adds one with
+	// what it wrote, until they fill a part.
+	Tail []tailPiece `json:"tail,omitempty"`
+	// Gen counts the writers that changed the file; it names the pieces.
 	Gen int `json:"gen"`
 }
 
+type tailPiece struct {
+	Key  string `json:"key"`
+	Size int64  `json:"size"`
+}
+
 func (st *appendState) size() int64 {
-	n := st.TailSize
+	var n int64
 	for _, p := range st.Parts {
 		n += p.Size
+	}
+	for _, t := range st.Tail {
+		n += t.Size
 	}
 	return n
 }
 
 // Append implements store.Driver: the file is a multipart upload whose
 // state (appendState) is the object key+".upload", written when a writer
-// closes. Parts are uploaded as they fill; what is left is written to a
-// tail object and read back by the next writer that writes. A committed
-// file (the object key exists, without a state) gives a writer that
-// writes nothing and commits at once.
+// closes. Parts are uploaded as they fill; what a writer leaves that does
+// not fill a part is written as a piece of the tail (key+".tail-<n>"), read
+// back once the next writers fill the part. Each byte is so written at most
+// twice, whatever the size of the chunks a client sends. A committed file
+// (the object key exists, without a state) gives a writer that writes
+// nothing and commits at once.
 func (d *Driver) Append(ctx context.Context, key string, create bool) (store.Writer, error) {
 	w := &appendWriter{ctx: ctx, m: multipart{d: d, key: key}}
 	b, err := d.Get(ctx, key+stateSuffix)
@@ -211,12 +222,16 @@ func (d *Driver) Append(ctx context.Context, key string, create bool) (store.Wri
 			return nil, fmt.Errorf("s3 append %s: corrupt state: %w", key, err)
 		}
 		w.m.uploadID, w.m.parts = w.st.UploadID, append([]appendPart(nil), w.st.Parts...)
+		w.pending = append([]tailPiece(nil), w.st.Tail...)
+		for _, t := range w.pending {
+			w.pendingSize += t.Size
+		}
 		w.size = w.st.size()
 		return w, nil
 	case !errors.Is(err, fs.ErrNotExist):
 		return nil, err
 	case create:
-		w.dirty, w.loaded = true, true
+		w.dirty = true
 		return w, nil
 	}
 	h, herr := d.head(ctx, key)
@@ -230,31 +245,36 @@ func (d *Driver) Append(ctx context.Context, key string, create bool) (store.Wri
 type appendWriter struct {
 	ctx context.Context // Append's, for the writes and Close
 	st  appendState     // as it was when the writer was opened
-	m   multipart
-	// loaded: m.buf holds the tail (and what was written after it).
-	loaded    bool
-	size      int64
-	dirty     bool
-	committed bool
-	err       error
+	m   multipart       // m.buf: what this writer wrote, not in a part yet
+	// pending are the pieces of the tail before m.buf, not in a part yet.
+	pending     []tailPiece
+	pendingSize int64
+	size        int64
+	dirty       bool
+	committed   bool
+	err         error
 }
 
-// load reads the tail into the buffer.
-func (w *appendWriter) load(ctx context.Context) error {
-	if w.loaded {
+// withPending puts the bytes of the pending pieces before m.buf.
+func (w *appendWriter) withPending(ctx context.Context) error {
+	if len(w.pending) == 0 {
 		return nil
 	}
-	if w.st.TailSize > 0 {
-		b, err := w.m.d.Get(ctx, w.st.Tail)
+	n := len(w.m.buf)
+	buf := make([]byte, int(w.pendingSize)+n, max(int(w.pendingSize)+n, int(w.m.d.opts.PartSize)))
+	copy(buf[w.pendingSize:], w.m.buf)
+	off := 0
+	for _, t := range w.pending {
+		b, err := w.m.d.Get(ctx, t.Key)
 		if err != nil {
 			return err
 		}
-		if int64(len(b)) != w.st.TailSize {
-			return fmt.Errorf("s3 append %s: tail %s has %d bytes, not %d", w.m.key, w.st.Tail, len(b), w.st.TailSize)
+		if int64(len(b)) != t.Size {
+			return fmt.Errorf("s3 append %s: tail %s has %d bytes, not %d", w.m.key, t.Key, len(b), t.Size)
 		}
-		w.m.buf = append(make([]byte, 0, len(b)), b...)
+		off += copy(buf[off:], b)
 	}
-	w.loaded = true
+	w.m.buf, w.pending, w.pendingSize = buf, nil, 0
 	return nil
 }
 
@@ -262,18 +282,21 @@ func (w *appendWriter) Write(p []byte) (int, error) {
 	if w.committed {
 		return 0, fmt.Errorf("s3 append %s: committed", w.m.key)
 	}
-	if w.err == nil {
-		w.err = w.load(w.ctx)
-	}
 	if w.err != nil {
 		return 0, w.err
 	}
 	w.dirty = true
 	n := len(p)
 	for len(p) > 0 {
-		p = w.m.fill(p)
-		if w.m.full() {
-			if w.err = w.m.flush(w.ctx); w.err != nil {
+		room := int(w.m.d.opts.PartSize-w.pendingSize) - len(w.m.buf)
+		k := min(len(p), room)
+		w.m.buf = append(w.m.buf, p[:k]...)
+		p = p[k:]
+		if k == room {
+			if w.err = w.withPending(w.ctx); w.err == nil {
+				w.err = w.m.flush(w.ctx)
+			}
+			if w.err != nil {
 				return n - len(p), w.err
 			}
 		}
@@ -284,8 +307,9 @@ func (w *appendWriter) Write(p []byte) (int, error) {
 
 func (w *appendWriter) Size() int64 { return w.size }
 
-// Close writes the tail and the state, in that order: the state names
-// only a complete tail and parts that are uploaded.
+// Close writes a piece of the tail with what is left of this writer's
+// bytes, then the state: the state names only complete pieces and parts
+// that are uploaded. Pieces that went into parts are deleted after.
 func (w *appendWriter) Close() error {
 	if w.committed || !w.dirty {
 		return nil
@@ -294,15 +318,13 @@ func (w *appendWriter) Close() error {
 		return w.err
 	}
 	ctx := w.ctx
-	st := appendState{UploadID: w.m.uploadID, Parts: w.m.parts, Gen: w.st.Gen + 1, Tail: w.st.Tail, TailSize: w.st.TailSize}
-	if w.loaded {
-		st.Tail, st.TailSize = "", 0
-		if len(w.m.buf) > 0 {
-			st.Tail, st.TailSize = w.m.key+".tail-"+strconv.Itoa(st.Gen), int64(len(w.m.buf))
-			if err := w.m.d.Put(ctx, st.Tail, w.m.buf); err != nil {
-				return err
-			}
+	st := appendState{UploadID: w.m.uploadID, Parts: w.m.parts, Gen: w.st.Gen + 1, Tail: w.pending}
+	if len(w.m.buf) > 0 {
+		t := tailPiece{Key: w.m.key + ".tail-" + strconv.Itoa(st.Gen), Size: int64(len(w.m.buf))}
+		if err := w.m.d.Put(ctx, t.Key, w.m.buf); err != nil {
+			return err
 		}
+		st.Tail = append(st.Tail, t)
 	}
 	b, err := json.Marshal(st)
 	if err != nil {
@@ -311,11 +333,19 @@ func (w *appendWriter) Close() error {
 	if err := w.m.d.Put(ctx, w.m.key+stateSuffix, b); err != nil {
 		return err
 	}
-	if w.st.Tail != "" && w.st.Tail != st.Tail {
-		w.m.d.deleteObject(ctx, w.st.Tail)
-	}
+	w.deletePieces(ctx, st.Tail)
 	w.dirty = false
 	return nil
+}
+
+// deletePieces deletes the pieces of the tail the writer was opened with
+// that keep are not.
+func (w *appendWriter) deletePieces(ctx context.Context, keep []tailPiece) {
+	for _, t := range w.st.Tail {
+		if !slices.Contains(keep, t) {
+			w.m.d.deleteObject(ctx, t.Key)
+		}
+	}
 }
 
 // Cancel drops what this writer wrote: nothing of it is in the state
@@ -330,7 +360,7 @@ func (w *appendWriter) Cancel(ctx context.Context) error {
 }
 
 // Commit completes the multipart upload (the tail its last part), then
-// removes the state and tail.
+// removes the state and the tail.
 func (w *appendWriter) Commit(ctx context.Context) error {
 	if w.committed {
 		return nil
@@ -338,7 +368,7 @@ func (w *appendWriter) Commit(ctx context.Context) error {
 	if w.err != nil {
 		return w.err
 	}
-	if err := w.load(ctx); err != nil {
+	if err := w.withPending(ctx); err != nil {
 		return err
 	}
 	if err := w.m.complete(ctx); err != nil {
@@ -346,9 +376,7 @@ func (w *appendWriter) Commit(ctx context.Context) error {
 	}
 	w.committed = true
 	w.m.d.deleteObject(ctx, w.m.key+stateSuffix)
-	if w.st.Tail != "" {
-		w.m.d.deleteObject(ctx, w.st.Tail)
-	}
+	w.deletePieces(ctx, nil)
 	return nil
 }
 
