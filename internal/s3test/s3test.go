@@ -216,9 +216,16 @@ func Start(t testing.TB) *Server {
 func (s *Server) Bucket(t testing.TB) string {
 	t.Helper()
 	name := "strata-" + randHex()
-	if _, err := s.client.CreateBucket(context.Background(), &s3.CreateBucketInput{Bucket: aws.String(name)}); err != nil {
+	ctx := context.Background()
+	if _, err := s.client.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: aws.String(name)}); err != nil {
 		t.Fatalf("create bucket %s: %v", name, err)
 	}
+	// SeaweedFS grows the volumes of a bucket at its first write, which
+	// takes seconds: not what a test should measure.
+	if _, err := s.client.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(name), Key: aws.String("warm"), Body: strings.NewReader("warm")}); err != nil {
+		t.Fatalf("write to bucket %s: %v", name, err)
+	}
+	s.client.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: aws.String(name), Key: aws.String("warm")})
 	return name
 }
 
