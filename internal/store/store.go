@@ -447,12 +447,10 @@ func (s *Store) Link(ctx context.Context, repo string, d digest.Digest) error {
 // can be a repository (not an underscore one), in lexical order, with its
 // name and the names in it.
 func (s *Store) walkRepositories(ctx context.Context, fn func(repo string, names map[string]bool)) error {
-	var walk func(prefix string) error
-	walk = func(prefix string) error {
-		ents, err := s.d.List(ctx, prefix, false)
-		if err != nil {
-			return err
-		}
+	// walk visits the directories of listing ents (of one directory),
+	// listing each once.
+	var walk func(ents []FileInfo) error
+	walk = func(ents []FileInfo) error {
 		sort.Slice(ents, func(i, j int) bool { return ents[i].Key < ents[j].Key })
 		for _, e := range ents {
 			name := path.Base(e.Key)
@@ -468,13 +466,17 @@ func (s *Store) walkRepositories(ctx context.Context, fn func(repo string, names
 				names[path.Base(c.Key)] = true
 			}
 			fn(strings.TrimPrefix(e.Key, "repositories/"), names)
-			if err := walk(e.Key); err != nil {
+			if err := walk(sub); err != nil {
 				return err
 			}
 		}
 		return nil
 	}
-	return walk("repositories")
+	top, err := s.d.List(ctx, "repositories", false)
+	if err != nil {
+		return err
+	}
+	return walk(top)
 }
 
 // Repositories lists the repositories that hold manifests or blobs, sorted.
