@@ -110,4 +110,10 @@ func TestS3PushAndRun(t *testing.T) {
 	if blobs == 0 {
 		t.Fatal("no blobs compared")
 	}
+
+	// Garbage collection of a bucket is refused, saying so.
+	out, err := runErr(ctx, strataBin, "registry", "gc", "--root", t.TempDir(), "--storage", "s3://"+bucket+"/strata", "--s3-endpoint", srv.Endpoint, "--s3-path-style")
+	if err == nil || !strings.Contains(out, "garbage collection of a registry on S3 is not supported yet") {
+		t.Errorf("registry gc on S3: %v\n%s", err, out)
+	}
 }
