@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -163,6 +164,26 @@ func TestSlowManifestRequestCut(t *testing.T) {
 			if time.Since(start) > 5*time.Second {
 				t.Fatal("a slow manifest body held the connection for 5 s")
 			}
+		}
+	}
+}
+
+// TestPageZeroHasNoLink: n=0 answers an empty list without a Link (a Link
+// to the same empty page sent clients that follow Links round for ever;
+// found by FuzzPage).
+func TestPageZeroHasNoLink(t *testing.T) {
+	srv := newLimitedServer(t, registry.Options{})
+	pushBlob(t, srv.URL, "a", []byte("x"))
+	m := fmt.Sprintf(`{"schemaVersion":2,"mediaType":%q,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":%q,"size":1},"layers":[]}`, mtManifest, digest.FromBytes([]byte("x")))
+	for _, tag := range []string{"t1", "t2"} {
+		if r := do(t, "PUT", srv.URL+"/v2/a/manifests/"+tag, map[string]string{"Content-Type": mtManifest}, []byte(m)); r.code != 201 {
+			t.Fatalf("push: %d %s", r.code, r.body)
+		}
+	}
+	for _, path := range []string{"/v2/a/tags/list?n=0", "/v2/_catalog?n=0"} {
+		r := do(t, "GET", srv.URL+path, nil, nil)
+		if r.code != 200 || r.hdr.Get("Link") != "" || strings.Contains(r.body, "t1") || strings.Contains(r.body, `"repositories":["a"`) {
+			t.Errorf("%s: %d Link %q %s", path, r.code, r.hdr.Get("Link"), r.body)
 		}
 	}
 }

@@ -292,15 +292,18 @@ func FuzzPage(f *testing.F) {
 			}
 			got = append(got, out...)
 			link := w.Header().Get("Link")
+			if n == 0 {
+				if len(out) != 0 || link != "" {
+					t.Fatalf("%s: n=0 answered %q, Link %q; want nothing and no Link", target, out, link)
+				}
+				return
+			}
 			if link == "" {
 				break
 			}
 			m := linkRE.FindStringSubmatch(link)
 			if m == nil {
 				t.Fatalf("%s: Link %q", target, link)
-			}
-			if n == 0 {
-				return // n=0 answers nothing and links to itself
 			}
 			target = m[1]
 		}

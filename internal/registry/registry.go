@@ -300,13 +300,16 @@ func page(w http.ResponseWriter, r *http.Request, items []string, max int) ([]st
 		}
 		n = min(v, max)
 	}
+	if n == 0 {
+		// An empty page, and no Link: one to the same empty page would
+		// send a client that follows Links round for ever.
+		return items[:0], nil
+	}
 	if len(items) > n {
 		items = items[:n]
 		next := url.Values{}
 		next.Set("n", strconv.Itoa(n))
-		if n > 0 {
-			next.Set("last", items[len(items)-1])
-		}
+		next.Set("last", items[len(items)-1])
 		w.Header().Set("Link", fmt.Sprintf("<%s?%s>; rel=\"next\"", r.URL.Path, next.Encode()))
 	}
 	return items, nil
