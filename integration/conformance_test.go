@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/strata-oci/strata/internal/s3test"
 	"github.com/strata-oci/strata/internal/testenv"
 )
 
@@ -27,6 +28,7 @@ func TestConformance(t *testing.T) {
 
 // TestConformanceS3 runs the suite against a registry on S3 (SeaweedFS).
 func TestConformanceS3(t *testing.T) {
+	s3test.Require(t)
 	runConformance(t, func(t testing.TB, extra ...string) *registryProc {
 		reg, _, _ := startRegistryS3(t.(*testing.T), extra...)
 		return reg

@@ -34,6 +34,7 @@ func startRegistryS3(t *testing.T, extra ...string) (reg *registryProc, srv *s3t
 // and the registry's local directory holds only the expansion state.
 func TestS3PushAndRun(t *testing.T) {
 	requireRun(t)
+	s3test.Require(t)
 	layout, _, size := debianPython(t)
 	reg, srv, bucket := startRegistryS3(t, "--s3-redirect")
 	ref := reg.Addr + "/debian/python:latest"

@@ -122,6 +122,13 @@ func tail(s string) string {
 	return s
 }
 
+// Require skips (or fails, see the package doc) a test that needs a
+// server when there is no weed binary, before it prepares anything else.
+func Require(t testing.TB) {
+	t.Helper()
+	weed(t)
+}
+
 // Server is a running SeaweedFS with its S3 gateway.
 type Server struct {
 	// Endpoint is the S3 gateway's URL (http://127.0.0.1:PORT), path
