@@ -47,7 +47,8 @@ type Driver interface {
 	// to held) and removes from.
 	Move(ctx context.Context, from, to string) error
 	// Touch sets the modification time of key to now (garbage
-	// collection's "young").
+	// collection's "young"), where the storage can do that cheaply; the
+	// S3 driver's does nothing (an object's time is when it was written).
 	Touch(ctx context.Context, key string) error
 	// Create returns a writer of a new content for key, which readers see
 	// only after Commit, all at once. Close without Commit discards it.

@@ -26,9 +26,9 @@
 // What an object store has not: directories (a prefix exists while an
 // object is below it), renames (Move is a server-side copy and a delete),
 // modification times that can be set (Touch does nothing: an object's
-// time is when it was written) and locks (a
-// session is written by one process at a time: the registry's, which
-// holds its lock in memory; replicas need more, see docs/deployment.md).
+// time is when it was written) and locks (a session is written by one
+// process at a time: the registry's, which holds its lock in memory;
+// replicas need more, see docs/deployment.md).
 package s3store
 
 import (
