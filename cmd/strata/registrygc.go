@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -53,7 +54,7 @@ younger than --grace is removed. Prints what was freed.`,
 			opts.Logger = log
 			rep, err := gc.Collect(cmd.Context(), st, ex, opts)
 			if rep != nil {
-				fmt.Fprintln(cmd.OutOrStdout(), rep)
+				fmt.Fprintln(cmd.OutOrStdout(), gcReport(rep))
 			}
 			return err
 		},
@@ -66,4 +67,15 @@ younger than --grace is removed. Prints what was freed.`,
 	addConfigFlag(cmd, &config) // the registry's: its root
 	cmd.Flags().BoolVar(&opts.DeleteUntagged, "delete-untagged", false, "also remove manifests no tag reaches (images pushed by digest only)")
 	return cmd
+}
+
+// gcReport says in one line what a collection freed (or would free).
+func gcReport(r *gc.Report) string {
+	verb := "removed"
+	if r.DryRun {
+		verb = "would remove"
+	}
+	return fmt.Sprintf("%s %d blobs (%s), %d manifests, %d links, %d expansion records, %d compressed indexes (%s), %d profiles, %d upload sessions, %d temporary files (%s), %d empty repositories; %d repositories looked at, %d unused blobs kept as younger than the grace period; took %s",
+		verb, r.Blobs, human(r.BlobBytes), r.Manifests, r.Links, r.Expansions, r.Indexes, human(r.IndexBytes), r.Profiles, r.Uploads, r.TempFiles, human(r.TempBytes), r.EmptyRepos,
+		r.Repositories, r.Kept, r.Elapsed.Round(time.Millisecond))
 }

@@ -77,29 +77,6 @@ type Report struct {
 	Elapsed time.Duration
 }
 
-func (r *Report) String() string {
-	verb := "removed"
-	if r.DryRun {
-		verb = "would remove"
-	}
-	return fmt.Sprintf("%s %d blobs (%s), %d manifests, %d links, %d expansion records, %d compressed indexes (%s), %d profiles, %d upload sessions, %d temporary files (%s), %d empty repositories; %d repositories looked at, %d unused blobs kept as younger than the grace period; took %s",
-		verb, r.Blobs, size(r.BlobBytes), r.Manifests, r.Links, r.Expansions, r.Indexes, size(r.IndexBytes), r.Profiles, r.Uploads, r.TempFiles, size(r.TempBytes), r.EmptyRepos,
-		r.Repositories, r.Kept, r.Elapsed.Round(time.Millisecond))
-}
-
-func size(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
-
 type collector struct {
 	st     *store.Store
 	ex     *expand.Service
